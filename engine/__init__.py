@@ -1,0 +1,3 @@
+"""Weft: a Megatron-style 3D-parallel pretraining engine for decoder-only language models."""
+
+__version__ = "0.1.0"

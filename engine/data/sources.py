@@ -1,0 +1,251 @@
+"""Reading raw corpus files: find them, open them (plain, .gz, .zst), and cut them into batches of raw records.
+
+Raw records stay undecoded here (bytes for jsonl lines and text files, Python values for parquet cells) so that the
+expensive part - parsing, decoding, tokenizing - happens in the worker processes. Problems found while reading a
+whole file (unreadable, truncated compression, bad parquet) are reported as `Skip` records in the batch stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".text")
+PARQUET_SUFFIXES = (".parquet",)
+COMPRESSION_SUFFIXES = (".gz", ".zst")
+TXT_SPLITS = ("file", "line")
+
+
+class InputError(ValueError):
+    """An input that cannot be read at all (no such file, unknown format, nothing matched)."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One document (or a whole file's remainder) left out, and why."""
+
+    reason: str
+    where: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class Batch:
+    """Raw records of one file: jsonl lines, text documents, or parquet rows (dicts of the requested keys)."""
+
+    path: str
+    kind: str  # "jsonl" | "text" | "parquet"
+    first_line: int  # 1-based line (jsonl), document (text) or row (parquet) number of records[0]
+    records: list = field(default_factory=list)
+    nbytes: int = 0  # raw bytes this batch accounts for, for throughput
+    skips: list[Skip] = field(default_factory=list)  # file-level problems met while reading this batch
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """'jsonl', 'text' or 'parquet' from the file name (compression suffixes ignored)."""
+    name = os.fspath(path).lower()
+    for suf in COMPRESSION_SUFFIXES:
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    raise InputError(
+        f"{path}: unknown input format; expected .jsonl, .txt or .parquet (optionally .gz or .zst for jsonl/txt)"
+    )
+
+
+def _is_supported(path: Path) -> bool:
+    try:
+        file_kind(path)
+        return True
+    except InputError:
+        return False
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Files named directly, every supported file under a directory (sorted), and glob matches (sorted)."""
+    out: list[str] = []
+    for pat in patterns:
+        p = Path(pat).expanduser()
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and _is_supported(f))
+            if not found:
+                raise InputError(f"{pat}: directory holds no .jsonl/.txt/.parquet files")
+            out.extend(found)
+        elif p.exists():
+            file_kind(p)  # fail early on an unknown format
+            out.append(str(p))
+        elif glob.has_magic(pat):
+            found = sorted(f for f in glob.glob(os.path.expanduser(pat), recursive=True) if os.path.isfile(f))
+            if not found:
+                raise InputError(f"{pat}: pattern matches no file")
+            for f in found:
+                file_kind(f)
+            out.extend(found)
+        else:
+            raise InputError(f"{pat}: no such file or directory")
+    seen: set[str] = set()
+    return [f for f in out if not (f in seen or seen.add(f))]
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    """Open for reading bytes, decompressing .gz and .zst transparently."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    raw = open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    return raw
+
+
+# What a damaged compressed stream raises: gzip's EOFError/BadGzipFile/zlib.error, zstandard's ZstdError.
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [EOFError, gzip.BadGzipFile, zlib.error]
+    try:
+        import zstandard
+
+        errs.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def read_batches(
+    path: str, keys: Sequence[str], batch_bytes: int = 1 << 20, txt_split: str = "file"
+) -> Iterator[Batch]:
+    """Cut one file into batches of about `batch_bytes` raw bytes."""
+    kind = file_kind(path)
+    if kind == "parquet":
+        yield from _parquet_batches(path, keys, batch_bytes)
+        return
+    try:
+        f = _open_binary(path)
+    except OSError as e:
+        yield Batch(path, kind, 1, skips=[Skip("unreadable_file", path, e.strerror or str(e))])
+        return
+    errors = _decompress_errors()
+    with f:
+        if kind == "text" and txt_split == "file":
+            try:
+                data = f.read()
+            except errors as e:
+                yield Batch(path, kind, 1, skips=[Skip("truncated_file", path, f"{type(e).__name__}: {e}")])
+                return
+            except OSError as e:
+                yield Batch(path, kind, 1, skips=[Skip("unreadable_file", path, e.strerror or str(e))])
+                return
+            yield Batch(path, kind, 1, [data], len(data))
+            return
+        yield from _line_batches(f, path, kind, batch_bytes, errors)
+
+
+def _line_batches(f, path: str, kind: str, batch_bytes: int, errors) -> Iterator[Batch]:
+    """One record per line: a JSON object (jsonl) or a document (text with --txt-split line)."""
+    batch = Batch(path, kind, 1)
+    lineno = 0
+    try:
+        for line in f:
+            lineno += 1
+            batch.nbytes += len(line)
+            batch.records.append(line)
+            if batch.nbytes >= batch_bytes:
+                yield batch
+                batch = Batch(path, kind, lineno + 1)
+    except errors as e:
+        batch.skips.append(
+            Skip("truncated_file", f"{path}:{lineno + 1}", f"{type(e).__name__}: {e}; the lines before it were kept")
+        )
+    except OSError as e:
+        batch.skips.append(Skip("unreadable_file", f"{path}:{lineno + 1}", e.strerror or str(e)))
+    if batch.records or batch.skips:
+        yield batch
+
+
+def _parquet_batches(path: str, keys: Sequence[str], batch_bytes: int) -> Iterator[Batch]:
+    """Parquet rows as dicts of the requested keys; a missing column is a per-row `missing_key`."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+    try:
+        pf = pq.ParquetFile(path)
+        present = [k for k in keys if k in pf.schema_arrow.names]
+        row = 1
+        for rb in pf.iter_batches(batch_size=4096, columns=present):
+            cols = {k: rb.column(k).to_pylist() for k in present}
+            n = rb.num_rows
+            records = [{k: cols[k][i] for k in present} for i in range(n)]
+            yield Batch(path, "parquet", row, records, rb.nbytes)
+            row += n
+    except OSError as e:
+        yield Batch(path, "parquet", 1, skips=[Skip("unreadable_file", path, str(e))])
+    except Exception as e:
+        yield Batch(path, "parquet", 1, skips=[Skip("corrupt_file", path, f"{type(e).__name__}: {e}")])
+
+
+def document_texts(
+    batch: Batch, keys: Sequence[str], txt_split: str = "file"
+) -> tuple[dict[str, list[tuple[str, str]]], list[Skip]]:
+    """Decode raw records into (text, location) per key; every record that is not a document becomes a `Skip`."""
+    texts: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}
+    skips: list[Skip] = []
+    for i, rec in enumerate(batch.records):
+        where = f"{batch.path}:{batch.first_line + i}"
+        if batch.kind == "text":
+            if txt_split == "line":
+                rec = rec.rstrip(b"\n").removesuffix(b"\r")
+            else:
+                where = batch.path
+            try:
+                value = rec.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skips.append(Skip("invalid_utf8", where, str(e)))
+                continue
+            values = {k: value for k in keys}
+        elif batch.kind == "jsonl":
+            if not rec.strip():
+                skips.append(Skip("blank_line", where))
+                continue
+            try:
+                obj = json.loads(rec)
+            except UnicodeDecodeError as e:
+                skips.append(Skip("invalid_utf8", where, str(e)))
+                continue
+            except ValueError as e:
+                skips.append(Skip("malformed_json", where, str(e)))
+                continue
+            if not isinstance(obj, dict):
+                skips.append(Skip("malformed_json", where, f"a JSON {type(obj).__name__}, not an object"))
+                continue
+            values = obj
+        else:  # parquet row
+            values = rec
+        for k in keys:
+            v = values.get(k)
+            if v is None:
+                reason = "missing_key" if k not in values else "not_a_string"
+                skips.append(Skip(reason, where, f"key {k!r}" + (" is null" if k in values else "")))
+            elif not isinstance(v, str):
+                skips.append(Skip("not_a_string", where, f"key {k!r} holds a {type(v).__name__}"))
+            elif not v:
+                skips.append(Skip("empty_document", where, f"key {k!r}"))
+            else:
+                texts[k].append((v, where))
+    return texts, skips

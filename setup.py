@@ -1,0 +1,44 @@
+"""Weft: a Megatron-style 3D-parallel pretraining engine. `make test` / `make demo` set everything up."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = next(
+    line.split('"')[1] for line in (ROOT / "engine" / "__init__.py").read_text().splitlines()
+    if line.startswith("__version__")
+)
+
+setup(
+    name="weft",
+    version=VERSION,
+    description="Megatron-style 3D-parallel pretraining engine for decoder-only language models",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    # torch as a range so GPU users keep the build they have; the Makefile pins the CPU wheel for our machines.
+    install_requires=[
+        "torch>=2.11",
+        "numpy>=1.26",
+        "tokenizers>=0.20",
+        "tqdm>=4.60",
+        "zstandard>=0.22",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        # A faster encoder for HF BPE tokenizers; used only after it reproduces HF's ids on a sample.
+        "fast": ["gigatoken>=0.10", "awkward>=2"],
+        "test": ["pytest>=8", "ruff>=0.6", "triton>=3.6", "gigatoken>=0.10", "awkward>=2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "weft-preprocess=engine.data.preprocess:main",
+            "weft-train-tokenizer=engine.data.train_tokenizer:main",
+            "weft-build-corpus=engine.data.builtin_corpus:main",
+            "weft-inspect-shards=engine.data.inspect_shards:main",
+            "weft-merge-shards=engine.data.merge_shards:main",
+        ]
+    },
+)
