@@ -109,10 +109,51 @@ def _open_binary(path: str) -> io.BufferedIOBase:
         return gzip.open(path, "rb")
     raw = open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(raw), 1 << 20)
+    return raw
+
+
+class TruncatedStreamError(EOFError):
+    """A compressed stream that ends in the middle of a frame."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompress a .zst file of one or more frames, raising on a truncated last frame.
+
+    zstandard's own stream_reader returns a clean end-of-file when the input stops mid-frame; a truncated shard of
+    a corpus must not pass for a complete one.
+    """
+
+    def __init__(self, raw: io.BufferedIOBase):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
-    return raw
+        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._dobj, self._pending, self._in_frame = self._new(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise TruncatedStreamError("zstd stream ends in the middle of a frame")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._dobj.decompress(chunk)
+                chunk = b""
+                if self._dobj.eof:  # frame finished; anything after it starts the next frame
+                    chunk, self._dobj, self._in_frame = self._dobj.unused_data, self._new(), False
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 # What a damaged compressed stream raises: gzip's EOFError/BadGzipFile/zlib.error, zstandard's ZstdError.

@@ -1,0 +1,52 @@
+# Weft: `make demo` runs the main job on the built-in corpus, `make test` runs the CI tests.
+# Both create (or reuse) a virtual environment in $(VENV).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned first so a CPU machine never pulls the multi-GB CUDA build; GPU users may override, e.g.
+#   make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.weft-installed
+RUN ?= runs/demo
+WORKERS ?= 2
+
+.PHONY: help venv test test-slow lint demo bench clean
+
+help:
+	@echo "make demo       build the built-in corpus, tokenizer and shards under $(RUN)/ (then train, as the engine grows)"
+	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
+	@echo "make test-slow  the full matrices and long fault trials"
+	@echo "make bench      preprocessing and index-building benchmark on the built-in corpus"
+	@echo "make clean      remove $(VENV) and runs/"
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(PY) tools/build_corpus.py --output $(RUN)/corpus.jsonl --max-size 8MB
+	$(PY) tools/train_tokenizer.py --input $(RUN)/corpus.jsonl --output $(RUN)/tokenizer --vocab-size 4096
+	$(PY) tools/preprocess_data.py --input $(RUN)/corpus.jsonl --output-prefix $(RUN)/shards/stdlib \
+		--tokenizer $(RUN)/tokenizer --workers $(WORKERS) --overwrite
+	$(PY) tools/inspect_shards.py $(RUN)/shards/stdlib --tokenizer $(RUN)/tokenizer --verify
+
+bench: $(STAMP)
+	$(PY) tools/bench_preprocess.py --workdir runs/bench
+
+clean:
+	rm -rf $(VENV) runs
