@@ -222,6 +222,7 @@ def _line_batches(f, path: str, kind: str, batch_bytes: int, errors) -> Iterator
 def _parquet_batches(path: str, keys: Sequence[str], batch_bytes: int) -> Iterator[Batch]:
     """Parquet rows as dicts of the requested keys; a missing column is a per-row `missing_key`."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
@@ -237,7 +238,7 @@ def _parquet_batches(path: str, keys: Sequence[str], batch_bytes: int) -> Iterat
             row += n
     except OSError as e:
         yield Batch(path, "parquet", 1, skips=[Skip("unreadable_file", path, str(e))])
-    except Exception as e:
+    except (pa.ArrowException, ValueError) as e:  # a damaged file, a wrong column type
         yield Batch(path, "parquet", 1, skips=[Skip("corrupt_file", path, f"{type(e).__name__}: {e}")])
 
 

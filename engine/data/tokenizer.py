@@ -133,7 +133,7 @@ def _load_gigatoken(tok: HFTokenizer):
         return None, "gigatoken not installed"
     try:
         fast = gigatoken.Tokenizer(str(tok.path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the optional backend means: use HF
         return None, f"gigatoken cannot load this tokenizer ({type(e).__name__}: {e})"
 
     def encode(texts: Sequence[str]) -> list[np.ndarray]:
@@ -145,7 +145,7 @@ def _load_gigatoken(tok: HFTokenizer):
     sample = list(_SELF_CHECK_TEXTS)
     try:
         same = all(np.array_equal(a, b) for a, b in zip(encode(sample), tok.encode_reference(sample), strict=True))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - same
         return None, f"gigatoken failed the self-check ({type(e).__name__}: {e})"
     if not same:
         return None, "gigatoken ids differ from Hugging Face's on the self-check sample; using Hugging Face"
