@@ -8,6 +8,7 @@ number of workers. Every record that does not become a document is counted by re
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import time
@@ -161,8 +162,6 @@ def output_prefixes(prefix: str, keys: Sequence[str]) -> dict[str, str]:
 
 def existing_outputs(prefix: str) -> list[str]:
     """Files a previous run with this prefix left (single or numbered shards)."""
-    import glob
-
     found = [p for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
     for ext in ("bin", "idx"):
         found += glob.glob(f"{glob.escape(prefix)}_[0-9][0-9][0-9][0-9][0-9].{ext}")

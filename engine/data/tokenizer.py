@@ -74,10 +74,7 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Token ids of each text, no special tokens added."""
-        if self.fast is not None:
-            return self.fast(texts)
-        encs = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+        return self.fast(texts) if self.fast is not None else self.encode_reference(texts)
 
     def encode_reference(self, texts: Sequence[str]) -> list[np.ndarray]:
         """HF's own ids, never the fast backend (the oracle for the self-check)."""
@@ -144,7 +141,7 @@ def _load_gigatoken(tok: HFTokenizer):
 
     sample = list(_SELF_CHECK_TEXTS)
     try:
-        same = all(np.array_equal(a, b) for a, b in zip(encode(sample), tok.encode_reference(sample), strict=True))
+        same = same_ids(encode(sample), tok.encode_reference(sample))
     except Exception as e:  # noqa: BLE001 - same
         return None, f"gigatoken failed the self-check ({type(e).__name__}: {e})"
     if not same:
@@ -159,8 +156,13 @@ def load_tokenizer(spec: str | os.PathLike, eod_token: str | None = None, fast_b
     return HFTokenizer(spec, eod_token, fast_backend)
 
 
+def same_ids(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
+    """True when two encodings of the same texts agree id for id."""
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def self_check_on(tok, texts: Sequence[str]) -> bool:
     """True when the active encoder gives HF's ids on `texts` (always true without a fast backend)."""
     if getattr(tok, "fast", None) is None:
         return True
-    return all(np.array_equal(a, b) for a, b in zip(tok.encode_batch(texts), tok.encode_reference(texts), strict=True))
+    return same_ids(tok.encode_batch(texts), tok.encode_reference(texts))
