@@ -151,18 +151,19 @@ EXPECTED_SKIPS = {"malformed_json": 2, "missing_key": 1, "invalid_utf8": 1, "emp
                   "blank_line": 1, "invalid_unicode": 1}
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_bad_records_are_skipped_counted_and_named(tmp_path, workers):
+@pytest.mark.parametrize(("workers", "tokenizer"), [(1, "byte"), (2, "byte"), (1, "bpe"), (2, "bpe")])
+def test_bad_records_are_skipped_counted_and_named(tmp_path, bpe_tokenizer, workers, tokenizer):
     """Each bad record is skipped and counted by reason, with a message naming file and line; the rest is kept."""
+    tok = bpe_tokenizer if tokenizer == "bpe" else "byte"
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"".join(BAD_JSONL))
     messages = []
-    s = preprocess([str(path)], str(tmp_path / "o"), workers=workers, progress=False,
+    s = preprocess([str(path)], str(tmp_path / "o"), tokenizer=tok, workers=workers, progress=False,
                    log=lambda m, **kw: messages.append(m))
     assert dict(s.skipped) == EXPECTED_SKIPS
     assert s.records == len(BAD_JSONL)
     assert s.documents["text"] + sum(EXPECTED_SKIPS.values()) == len(BAD_JSONL)
-    assert_documents(tmp_path / "o", ["good one", "   ", "good two"], "byte")
+    assert_documents(tmp_path / "o", ["good one", "   ", "good two"], tok)
     text = "\n".join(messages)
     assert f"{path}:2: malformed_json" in text
     assert f"{path}:3: missing_key" in text

@@ -61,20 +61,7 @@ def encode_batch(batch: Batch) -> Encoded:
     pairs, skips = document_texts(batch, keys, txt_split)
     tokens, lengths = {}, {}
     for k in keys:
-        docs = [t for t, _ in pairs[k]]
-        try:
-            ids = tok.encode_batch(docs)
-        except UnicodeEncodeError:
-            # A lone surrogate (from a JSON "\\ud800" escape) cannot be encoded; find it and skip that document only.
-            keep = []
-            for t, where in pairs[k]:
-                try:
-                    t.encode("utf-8")
-                    keep.append(t)
-                except UnicodeEncodeError as e:
-                    skips.append(Skip("invalid_unicode", where, str(e)))
-            docs = keep
-            ids = tok.encode_batch(docs)
+        ids = tok.encode_batch([t for t, _ in pairs[k]])
         tokens[k], lengths[k] = _with_eod(ids, tok.eod_id, dtype)
     return Encoded(tokens, lengths, skips, len(batch.records), batch.nbytes)
 

@@ -288,6 +288,19 @@ def document_texts(
                 skips.append(Skip("not_a_string", where, f"key {k!r} holds a {type(v).__name__}"))
             elif not v:
                 skips.append(Skip("empty_document", where, f"key {k!r}"))
+            elif batch.kind == "jsonl" and not _encodable(v):
+                skips.append(Skip("invalid_unicode", where, f"key {k!r} holds a lone surrogate"))
             else:
                 texts[k].append((v, where))
     return texts, skips
+
+
+def _encodable(text: str) -> bool:
+    """False for text holding a lone surrogate, which JSON escapes allow but UTF-8 and every tokenizer reject."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
