@@ -62,21 +62,31 @@ def cached_arrays(
     cache.mkdir(parents=True, exist_ok=True)
     key = f"{kind}-{description_hash(description)}"
     done = cache / f"{key}.json"
-    if not done.exists():
-        with open(cache / f"{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # others block here until the builder is finished
-            if not done.exists():
-                if log:
-                    log(f"building {kind} indices in {cache} ({key})")
-                arrays = build()
-                for name in names:
-                    tmp = cache / f"{key}-{name}.tmp.npy"
-                    np.save(tmp, arrays[name], allow_pickle=False)
-                    os.replace(tmp, cache / f"{key}-{name}.npy")
-                tmp = cache / f"{key}.json.tmp"
-                tmp.write_text(json.dumps(description, indent=1, sort_keys=True))
-                os.replace(tmp, done)
-    return {n: np.load(cache / f"{key}-{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
+    for attempt in range(2):
+        if not done.exists():
+            with open(cache / f"{key}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # others block here until the builder is finished
+                if not done.exists():
+                    if log:
+                        log(f"building {kind} indices in {cache} ({key})")
+                    arrays = build()
+                    for name in names:
+                        tmp = cache / f"{key}-{name}.tmp.npy"
+                        np.save(tmp, arrays[name], allow_pickle=False)
+                        os.replace(tmp, cache / f"{key}-{name}.npy")
+                    tmp = cache / f"{key}.json.tmp"
+                    tmp.write_text(json.dumps(description, indent=1, sort_keys=True))
+                    os.replace(tmp, done)
+        try:
+            return {n: np.load(cache / f"{key}-{n}.npy", mmap_mode="r", allow_pickle=False) for n in names}
+        except (OSError, ValueError) as e:
+            # A file of the entry was deleted or damaged after it was published: rebuild it once.
+            if attempt:
+                raise
+            if log:
+                log(f"cached {kind} indices {key} unreadable ({e}); rebuilding")
+            done.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
 
 
 def stderr_log(msg: str) -> None:
