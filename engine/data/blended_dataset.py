@@ -60,7 +60,9 @@ class BlendedDataset:
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets, self.num_samples = list(datasets), num_samples
         self.weights = normalise_weights(weights)
-        arrays = blend_index(self.weights, num_samples, cache_dir)
+        # The weights as given, not re-normalised: builders size the components from this same index, and
+        # normalising twice can move a float by one ulp and break a tie differently.
+        arrays = blend_index(weights, num_samples, cache_dir)
         self.dataset_index, self.dataset_sample = arrays["dataset_index"], arrays["dataset_sample"]
         for d, (ds, n) in enumerate(zip(self.datasets, self.samples_per_dataset(), strict=True)):
             if len(ds) < n:

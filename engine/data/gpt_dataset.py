@@ -10,6 +10,7 @@ So a run that asks for more samples sees the same first ones, and resuming at an
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -26,9 +27,8 @@ SPLIT_NAMES = ("train", "valid", "test")
 def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
     """'969,30,1' or '0.98/0.01/0.01' (or a sequence) -> normalised train/valid/test fractions."""
     if isinstance(split, str):
-        parts = [p for p in split.replace("/", ",").split(",") if p.strip()]
         try:
-            weights = [float(p) for p in parts]
+            weights = [float(p) for p in split.replace("/", ",").split(",")]
         except ValueError:
             raise ValueError(f"data.split={split!r}: expected numbers like '98,1,1'") from None
     else:
@@ -127,9 +127,10 @@ class GPTDataset:
             warnings.warn(f"{name} split of {indexed.prefix} holds {self.tokens_per_epoch} tokens, fewer than one "
                           f"sample of {seq_len + 1}: every sample repeats it", stacklevel=2)
         description = {
-            "shard": os.path.realpath(indexed.prefix), "idx_bytes": os.path.getsize(indexed.prefix + ".idx"),
-            "tokens": indexed.num_tokens, "documents": [start, end], "seq_len": seq_len,
+            "shard": os.path.realpath(indexed.prefix), "documents": [start, end], "seq_len": seq_len,
             "num_samples": num_samples, "seed": seed,
+            # The split's document lengths themselves: a shard rewritten in place must not reuse a stale index.
+            "sizes": hashlib.blake2b(np.ascontiguousarray(sizes).tobytes(), digest_size=16).hexdigest(),
         }
         arrays = cached_arrays(
             cache_dir or default_cache_dir(indexed.prefix), f"gpt-{name}", description,

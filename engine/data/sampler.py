@@ -40,6 +40,8 @@ class BatchSampler:
 
     def rank_share(self, consumed_samples: int) -> np.ndarray:
         """This rank's sample indices of the global batch that starts at `consumed_samples`."""
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be non-negative, got {consumed_samples}")
         if consumed_samples + self.global_batch_size > self.total_samples:
             raise IndexError(f"global batch at {consumed_samples} runs past the {self.total_samples} samples")
         per_rank = self.global_batch_size // self.dp_size
