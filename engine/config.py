@@ -1,0 +1,258 @@
+"""The typed configuration of a run, and every consistency rule checked before any process group starts.
+
+Hydra composes `conf/` into these dataclasses (registered in its ConfigStore as `weft_schema`); `validate`
+turns a composed config plus a world size into either nothing or one `ConfigError` listing every problem found,
+each naming the keys involved and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_ARCHS = ("gpt2", "llama")
+PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE = ("none", "selective", "full")
+DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
+OPTIM_IMPLS = ("auto", "fused", "foreach", "apex")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "sdpa")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each with the keys involved and a fix."""
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer: GPT-2 or Llama flavour, chosen by `arch` and the switches below."""
+
+    name: str = "gpt2_tiny"
+    arch: str = "gpt2"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: as many as num_heads (no grouped-query attention)
+    ffn_hidden_size: int | None = None  # None: 4 * hidden (gpt2) or 8/3 * hidden rounded up to 64 (llama)
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary
+    max_seq_len: int = 1024  # learned position embeddings (gpt2); RoPE needs no table size
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool | None = None  # None: tied for gpt2, untied for llama
+    recompute: str = "none"
+
+
+@dataclass
+class ParallelConfig:
+    """Sizes of the (pp, dp, tp) mesh; dp=None fills the world left by tp and pp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None
+    sequence_parallel: bool = False
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    bucket_size_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards are and how they are split and cached."""
+
+    prefix: Any = "runs/demo/shards/stdlib"  # a shard prefix, or [weight, prefix, weight, prefix, ...]
+    tokenizer: str = "runs/demo/tokenizer"
+    split: str = "98,1,1"
+    cache_dir: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int | None = None  # None: 1% of train.steps
+    decay_steps: int | None = None  # None: train.steps - warmup_steps
+    decay_style: str = "cosine"
+    wsd_decay_fraction: float = 0.2  # wsd: the final fraction of decay_steps spent decaying
+    weight_decay: float = 0.1
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
+    impl: str = "auto"  # auto: fused on CUDA, foreach elsewhere; apex: apex's FusedAdam
+
+
+@dataclass
+class TrainConfig:
+    """The run: its length, batch, precision, evaluation, logging cadence and where it writes."""
+
+    steps: int = 100
+    seq_len: int = 128
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    precision: str = "fp32"
+    run_dir: str = "runs/${model.name}"
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 4
+    dry_run: bool = False
+    compile: bool = False
+    profile_steps: list[int] = field(default_factory=list)
+    peak_tflops: float | None = None  # per device; overrides the built-in peak table for MFU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    progress_bar: bool | None = None  # None: on an interactive terminal
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation the model's fused operations use."""
+
+    backend: str = "auto"
+    attention: str = "auto"
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore so conf/config.yaml composes onto it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="weft_schema", node=Config)
+
+
+def unknown_keys(raw: dict, schema: type = Config, path: str = "") -> list[str]:
+    """Keys in a plain dict (e.g. from `+key=value` overrides) that the schema does not define."""
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for key, value in raw.items():
+        full = f"{path}{key}"
+        if key not in names:
+            out.append(full)
+        elif isinstance(value, dict) and dataclasses.is_dataclass(_field_type(schema, key)):
+            out.extend(unknown_keys(value, _field_type(schema, key), full + "."))
+    return out
+
+
+def _field_type(schema: type, name: str) -> Any:
+    default = next(f for f in dataclasses.fields(schema) if f.name == name).default_factory
+    return default if default is not dataclasses.MISSING else None
+
+
+def fill_defaults(cfg: Config, world_size: int, vocab_size: int | None = None) -> Config:
+    """Resolve the `None` = derived settings (dp, kv heads, ffn size, tying, vocabulary, schedule lengths)."""
+    m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
+    if p.dp is None and world_size % (p.tp * p.pp) == 0:
+        p.dp = world_size // (p.tp * p.pp)
+    if m.num_kv_heads is None:
+        m.num_kv_heads = m.num_heads
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = 4 * m.hidden_size if m.arch == "gpt2" else 64 * -(-(8 * m.hidden_size // 3) // 64)
+    if m.tie_embeddings is None:
+        m.tie_embeddings = m.arch == "gpt2"
+    if m.vocab_size is None:
+        m.vocab_size = vocab_size
+    if o.warmup_steps is None:
+        o.warmup_steps = max(1, t.steps // 100) if t.steps > 1 else 0
+    if o.decay_steps is None:
+        o.decay_steps = max(0, t.steps - o.warmup_steps)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError listing every inconsistency of `cfg` for `world_size` processes."""
+    m, p, o, t, k = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.kernels
+    errors: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    for name, value, choices in [
+        ("model.arch", m.arch, MODEL_ARCHS), ("model.recompute", m.recompute, RECOMPUTE),
+        ("train.precision", t.precision, PRECISIONS), ("optim.decay_style", o.decay_style, DECAY_STYLES),
+        ("optim.impl", o.impl, OPTIM_IMPLS), ("kernels.backend", k.backend, KERNEL_BACKENDS),
+        ("kernels.attention", k.attention, ATTENTION_BACKENDS), ("parallel.backend", p.backend,
+                                                                 ("auto", "nccl", "gloo")),
+        ("train.device", t.device, ("auto", "cpu", "cuda")),
+    ]:
+        check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+    for name, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                        ("model.num_heads", m.num_heads), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+                        ("train.steps", t.steps), ("train.seq_len", t.seq_len),
+                        ("train.micro_batch_size", t.micro_batch_size),
+                        ("train.global_batch_size", t.global_batch_size), ("train.log_interval", t.log_interval),
+                        ("train.eval_iters", t.eval_iters)]:
+        check(value >= 1, f"{name}={value} must be at least 1")
+    if errors:  # the rules below divide by these
+        raise ConfigError(_format(errors))
+
+    kv = m.num_kv_heads or m.num_heads
+    check(m.hidden_size % m.num_heads == 0,
+          f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; pick a multiple")
+    check(m.num_heads % kv == 0,
+          f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={kv} (grouped-query attention "
+          "needs whole groups)")
+    check(m.num_heads % p.tp == 0,
+          f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}; use a tp that divides the heads")
+    check(kv % p.tp == 0 or p.tp % kv == 0,
+          f"model.num_kv_heads={kv} and parallel.tp={p.tp}: one must divide the other (KV heads are split or "
+          "replicated across the tensor-parallel group)")
+    if m.ffn_hidden_size is not None:
+        check(m.ffn_hidden_size % p.tp == 0,
+              f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+    check(m.num_layers % p.pp == 0,
+          f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; stages need equal layers")
+    check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.arch == "gpt2":
+        check(t.seq_len <= m.max_seq_len,
+              f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (learned positions); raise "
+              "model.max_seq_len or shorten train.seq_len")
+    dp = p.dp
+    if dp is None:
+        check(world_size % (p.tp * p.pp) == 0,
+              f"world size {world_size} is not divisible by parallel.tp={p.tp} x parallel.pp={p.pp}")
+    else:
+        check(dp >= 1, f"parallel.dp={dp} must be at least 1")
+        check(p.tp * p.pp * dp == world_size,
+              f"parallel.tp={p.tp} x parallel.pp={p.pp} x parallel.dp={dp} = {p.tp * p.pp * dp} but the world "
+              f"size is {world_size}; launch {p.tp * p.pp * dp} processes or set parallel.dp=null")
+    if dp and dp >= 1:
+        check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+              f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+              f"{t.micro_batch_size} x parallel.dp={dp}; use a multiple of {t.micro_batch_size * dp}")
+    check(p.tp == 1 and p.pp == 1,
+          f"parallel.tp={p.tp}, parallel.pp={p.pp}: this build trains with data parallelism only; tensor and "
+          "pipeline parallelism are not available yet (set both to 1)")
+    check(not p.sequence_parallel, "parallel.sequence_parallel needs tensor parallelism, not available yet")
+    check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} and optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr")
+    check(o.clip_grad >= 0, f"optim.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
+    check(0 < o.wsd_decay_fraction <= 1, f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")
+    if o.warmup_steps is not None:
+        check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if o.decay_steps is not None:
+        check(o.decay_steps >= 0, f"optim.decay_steps={o.decay_steps} must be >= 0")
+    check(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: only at the end)")
+    check(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops={t.peak_tflops} must be positive")
+    if errors:
+        raise ConfigError(_format(errors))
+
+
+def _format(errors: list[str]) -> str:
+    head = "invalid configuration:" if len(errors) > 1 else "invalid configuration: "
+    return head + ("\n  - " + "\n  - ".join(errors) if len(errors) > 1 else errors[0])
