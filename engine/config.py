@@ -106,6 +106,13 @@ class TrainConfig:
     profile_steps: list[int] = field(default_factory=list)
     peak_tflops: float | None = None  # per device; overrides the built-in peak table for MFU
     device: str = "auto"  # auto: cuda when available, else cpu
+
+
+@dataclass
+class LoggingConfig:
+    """What the logging rank shows besides metrics.jsonl (which is always written)."""
+
+    console: bool = True  # a line per train.log_interval steps and per evaluation
     progress_bar: bool | None = None  # None: on an interactive terminal
 
 
@@ -126,6 +133,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
@@ -219,6 +227,11 @@ def validate(cfg: Config, world_size: int) -> None:
     check(m.num_layers % p.pp == 0,
           f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; stages need equal layers")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    check(m.vocab_size is not None and m.vocab_size >= 1,
+          f"model.vocab_size={m.vocab_size}: set it, or point data.tokenizer at the run's tokenizer")
+    if m.arch == "llama":
+        check((m.hidden_size // m.num_heads) % 2 == 0,
+              f"model.hidden_size / model.num_heads = {m.hidden_size // m.num_heads} must be even for RoPE")
     if m.arch == "gpt2":
         check(t.seq_len <= m.max_seq_len,
               f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (learned positions); raise "

@@ -260,6 +260,10 @@ class IndexedDataset:
             raise IndexError(f"sequence {i} out of range for {self.prefix} ({len(self)} sequences)")
         return self.get(int(i) % len(self))
 
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the shard, back to back, as one read-only view."""
+        return self._bin.view(self.dtype)
+
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens `offset:offset+length` of sequence i, as a read-only view (no copy)."""
         size = int(self.sizes[i])

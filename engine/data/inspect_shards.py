@@ -72,6 +72,17 @@ def describe(prefixes: Sequence[str], verify: bool = False) -> tuple[list[Indexe
     return shards, "\n".join(lines)
 
 
+def unigram_entropy(shards: Sequence[IndexedDataset]) -> float:
+    """Entropy of the token unigram distribution over the shards, in nats per token (reads every token)."""
+    counts = [np.bincount(s.all_tokens()) for s in shards if s.num_tokens]
+    if not counts:
+        return 0.0
+    size = max(len(c) for c in counts)
+    total = sum(np.pad(c, (0, size - len(c))) for c in counts)
+    p = total[total > 0] / total.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def document_tokens(shards: Sequence[IndexedDataset], n: int) -> np.ndarray:
     """Document n, counting across the shards in order."""
     total = sum(s.num_documents for s in shards)
@@ -97,10 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="byte", metavar="PATH|byte", help="tokenizer used to write the shards")
     p.add_argument("--ids", action="store_true", help="with --decode, also print the token ids")
     p.add_argument("--verify", action="store_true", help="check every pointer against the sizes (reads the index)")
+    p.add_argument("--entropy", action="store_true",
+                   help="also print the token unigram entropy (nats/token; reads every token): the loss a model "
+                   "that ignores context would reach")
     args = p.parse_args(argv)
     try:
         shards, report = describe(unique_prefixes(args.shards), args.verify)
         print(report)
+        if args.entropy:
+            print(f"unigram entropy: {unigram_entropy(shards):.4f} nats/token")
         if args.decode:
             tok = load_tokenizer(args.tokenizer, fast_backend=False)
             for n in args.decode:

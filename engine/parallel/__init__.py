@@ -1,0 +1,1 @@
+"""Parallelism: the process mesh and one module per parallel dimension."""

@@ -1,0 +1,126 @@
+"""Training entry point: `python -m engine.train [overrides]`, or under torchrun / srun for several ranks.
+
+    python -m engine.train model=llama_tiny optim.lr=3e-4 train.steps=200
+    torchrun --nproc-per-node 2 -m engine.train parallel.dp=2
+    python -m engine.train train.dry_run=true model=llama_1b
+    python -m engine.train -m optim.lr=1e-3,3e-4          # a local sweep, one run directory per job
+
+The configuration is validated before any process group starts; every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import kernels
+from engine.config import Config, ConfigError, fill_defaults, register_configs, unknown_keys, validate
+from engine.parallel.state import init_parallel, pick_device, shutdown, world_from_env
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed Hydra config as our dataclasses, refusing keys the schema does not define."""
+    extra = unknown_keys(OmegaConf.to_container(cfg, resolve=True))
+    if extra:
+        raise ConfigError("unknown configuration keys: " + ", ".join(extra) + " (added with '+'? check the spelling "
+                          "against `python -m engine.train --cfg job`)")
+    return OmegaConf.to_object(cfg)
+
+
+def dry_run(cfg: Config) -> None:
+    """Print what the run would be - parameters, FLOPs per token, memory per rank - without allocating it."""
+    from engine.model import GPT
+    from engine.model.flops import count_parameters, flops_per_token
+    from engine.training.memory import estimate_memory
+
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    n = model.num_parameters()
+    assert n == count_parameters(cfg.model)
+    m, t = cfg.model, cfg.train
+    print(f"model {m.name} ({m.arch}): {n:,} parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
+          f"{m.num_heads} heads ({m.num_kv_heads} KV), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}")
+    print(f"FLOPs per token (training): {flops_per_token(m, t.seq_len):.4g} at seq_len {t.seq_len}")
+    mem = estimate_memory(cfg)
+    print("estimated memory per rank: " + ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in mem.items()))
+    p = cfg.parallel
+    print(f"layout: tp {p.tp} x pp {p.pp} x dp {p.dp}; global batch {t.global_batch_size} = micro "
+          f"{t.micro_batch_size} x accumulation {t.global_batch_size // (t.micro_batch_size * p.dp)} x dp {p.dp}")
+
+
+def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Create the run directory (logging rank only) with the resolved config; keep an old metrics.jsonl aside."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        kept = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        shutil.move(metrics, kept)
+        print(f"note: {run_dir} already held metrics.jsonl; moved it to {kept.name}", file=sys.stderr)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def run(cfg: DictConfig) -> None:
+    """Validate, set up the mesh, train."""
+    config = to_config(cfg)
+    rank, world = world_from_env()
+    vocab = None
+    if config.model.vocab_size is None:
+        from engine.training.trainer import tokenizer_vocab_size
+
+        vocab = tokenizer_vocab_size(config.data.tokenizer)
+    fill_defaults(config, world, vocab)
+    validate(config, world)
+    try:
+        kernels.configure(config.kernels.backend, config.kernels.attention)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if config.train.dry_run:
+        if rank == 0:
+            dry_run(config)
+        return
+    import torch.distributed as dist
+
+    from engine.training.trainer import Trainer, run_info, write_json
+
+    p = config.parallel
+    state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if state.is_logging_rank:
+            prepare_run_dir(run_dir, cfg)
+        if world > 1:
+            dist.barrier()
+        trainer = Trainer(config, state, run_dir)
+        if state.is_logging_rank:
+            write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
+        trainer.fit()
+        if state.is_logging_rank:
+            print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
+    finally:
+        shutdown()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()

@@ -1,0 +1,71 @@
+"""AdamW with weight-decay groups, and the learning-rate schedule (warmup, then cosine, linear or WSD decay)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Two groups: decayed matrices, and undecayed norms/biases/embeddings (unless configured otherwise)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # unique parameters: a tied weight appears once
+        if not p.requires_grad:
+            continue
+        is_vector = p.ndim < 2  # norm weights and biases
+        if (is_vector and not cfg.decay_norms_and_biases) or (id(p) in embeddings and not cfg.decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: torch's fused kernel on CUDA, its foreach path elsewhere, or apex's FusedAdam when asked."""
+    groups = param_groups(model, cfg)
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if cfg.impl == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise RuntimeError("optim.impl=apex but NVIDIA apex is not installed (it is not on PyPI; build it from "
+                               "github.com/NVIDIA/apex) - or use optim.impl=auto") from None
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    impl = cfg.impl if cfg.impl != "auto" else ("fused" if device.type == "cuda" else "foreach")
+    if impl == "fused" and device.type != "cuda":
+        raise RuntimeError("optim.impl=fused needs CUDA parameters; use optim.impl=auto or foreach on CPU")
+    return torch.optim.AdamW(groups, fused=impl == "fused", foreach=impl == "foreach", **kwargs)
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to min_lr, then flat."""
+    warmup, decay = cfg.warmup_steps or 0, cfg.decay_steps or 0
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = step - warmup
+    if cfg.decay_style == "constant" or decay == 0:  # no decay phase
+        return cfg.lr
+    if t >= decay:
+        return cfg.min_lr
+    if cfg.decay_style == "wsd":  # warmup-stable-decay: hold lr, then decay linearly over the last fraction
+        decay_len = max(1, round(decay * cfg.wsd_decay_fraction))
+        stable = decay - decay_len
+        if t < stable:
+            return cfg.lr
+        frac = (t - stable) / decay_len
+    else:
+        frac = t / decay
+    if cfg.decay_style == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return cfg.lr - (cfg.lr - cfg.min_lr) * frac
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Apply `lr` to every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,255 @@
+"""The training loop: data, model, optimizer, the step over micro-batches, evaluation, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import engine
+from engine.config import Config
+from engine.data.builder import build_datasets
+from engine.data.sampler import BatchSampler
+from engine.data.tokenizer import load_tokenizer
+from engine.model import GPT
+from engine.model.flops import count_parameters, flops_per_token
+from engine.parallel.data_parallel import GradientAllReduce
+from engine.parallel.state import ParallelState
+from engine.training.metrics import (
+    MetricsLogger,
+    Throughput,
+    device_name,
+    mfu,
+    peak_memory_gib,
+    peak_tflops,
+    perplexity,
+)
+from engine.training.optimizer import build_optimizer, lr_at, set_lr
+from engine.training.schedule import forward_backward_no_pipelining
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    """Vocabulary size of the run's tokenizer (the model's vocabulary unless model.vocab_size is set)."""
+    return load_tokenizer(path, fast_backend=False).vocab_size
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context manager factory: torch.autocast for bf16/fp16 (fp32 parameters, grads, optimizer), else a no-op."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def get_batch(dataset, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for the samples `indices`."""
+    tokens = torch.from_numpy(np.stack([dataset[int(i)] for i in indices]))
+    tokens = tokens.to(device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def dp_mean(value: torch.Tensor, state: ParallelState) -> float:
+    """Average a scalar over the data-parallel group (float64 throughout)."""
+    value = value.to(torch.float64)
+    if state.dp > 1:
+        dist.all_reduce(value, group=state.dp_group)
+        value = value / state.dp
+    return value.item()
+
+
+class Trainer:
+    """Owns one run: built from a validated Config and a ParallelState, driven by `fit()`."""
+
+    def __init__(self, cfg: Config, state: ParallelState, run_dir: str | os.PathLike):
+        self.cfg, self.state, self.run_dir = cfg, state, Path(run_dir)
+        t, m = cfg.train, cfg.model
+        self.device = state.device
+        torch.manual_seed(t.seed)
+        self.model = GPT(m).to(self.device)
+        if t.compile:
+            for i, block in enumerate(self.model.blocks):
+                self.model.blocks[i] = torch.compile(block)
+        self.grad_sync = GradientAllReduce(self.model, state.dp_group, cfg.parallel.bucket_size_mb)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.autocast = autocast_factory(t.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        self.flops_per_token = flops_per_token(m, t.seq_len)
+        self.peak = peak_tflops(self.device, t.precision, t.peak_tflops)
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self._build_data()
+
+    # ------------------------------------------------------------------------------------------- data
+    def _build_data(self) -> None:
+        cfg, state = self.cfg, self.state
+        g = cfg.train.global_batch_size
+        wanted = {"train": cfg.train.steps * g, "valid": cfg.train.eval_iters * g}
+
+        def build():
+            return build_datasets(cfg.data.prefix, cfg.data.split, cfg.train.seq_len, wanted, cfg.train.seed,
+                                  cfg.data.cache_dir)
+
+        # The first rank builds (and caches) the indices; the others then only map them.
+        if state.world_size > 1 and state.rank != 0:
+            dist.barrier()
+        datasets = build()
+        if state.world_size > 1 and state.rank == 0:
+            dist.barrier()
+        self.train_data, self.valid_data = datasets["train"], datasets.get("valid")
+        mbs = cfg.train.micro_batch_size
+        self.train_sampler = BatchSampler(len(self.train_data), g, mbs, state.dp_rank, state.dp)
+        self.valid_sampler = (BatchSampler(len(self.valid_data), g, mbs, state.dp_rank, state.dp)
+                              if self.valid_data is not None else None)
+
+    def micro_batches(self, dataset, sampler: BatchSampler, consumed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the global batch starting at `consumed`."""
+        return [get_batch(dataset, idx, self.device) for idx in sampler.micro_batches(consumed)]
+
+    # ------------------------------------------------------------------------------------------- steps
+    def train_step(self) -> dict:
+        """One optimizer step over one global batch; returns its metrics."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim)
+        set_lr(self.optimizer, lr)
+        batches = self.micro_batches(self.train_data, self.train_sampler, self.consumed_samples)
+        self.model.train()
+        scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
+        loss_sum = forward_backward_no_pipelining(self.model, batches, self.grad_sync, self.autocast, scale)
+        self.grad_sync.finish_grad_sync()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped_steps += int(self.scaler.get_scale() < scale_before)  # the scaler backed off: inf/nan
+        else:
+            self.optimizer.step()
+        self.grad_sync.zero_grad()
+        self.step += 1
+        self.consumed_samples += cfg.train.global_batch_size
+        loss = dp_mean(loss_sum / len(batches), self.state)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss and perplexity over `train.eval_iters` global batches (the same ones every time)."""
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        g = self.cfg.train.global_batch_size
+        for it in range(self.cfg.train.eval_iters):
+            for inputs, targets in self.micro_batches(self.valid_data, self.valid_sampler, it * g):
+                with self.autocast():
+                    total += self.model(inputs, targets).to(torch.float64)
+                count += 1
+        loss = dp_mean(total / count, self.state)
+        return {"val_loss": loss, "val_ppl": perplexity(loss)}
+
+    # ------------------------------------------------------------------------------------------- the run
+    def fit(self) -> list[dict]:
+        """Train for `train.steps` steps with evaluation and logging; returns every metrics record written."""
+        t = self.cfg.train
+        tokens_per_step = t.global_batch_size * t.seq_len
+        world = self.state.world_size
+        lg = self.cfg.logging
+        logger = MetricsLogger(self.run_dir, self.state.is_logging_rank, t.steps, self.step, lg.progress_bar,
+                               self.peak, f"{device_name(self.device)}, {t.precision}", lg.console)
+        records: list[dict] = []
+
+        def emit(record: dict) -> None:
+            records.append(record)
+            logger.log(record)
+
+        can_eval = self.valid_data is not None
+        if can_eval:
+            emit({"step": self.step, **self.evaluate(), **self.progress()})
+        throughput = Throughput()
+        profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
+        while self.step < t.steps:
+            with profiler.step(self.step + 1):
+                metrics = self.train_step()
+            throughput.add(tokens_per_step)
+            logger.advance(1, metrics["loss"])
+            last = self.step == t.steps
+            if self.step % t.log_interval == 0 or last:
+                tps = throughput.read()
+                per_device = tps / world
+                emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
+                      "tflops_per_device": self.flops_per_token * per_device / 1e12,
+                      "mfu": mfu(self.flops_per_token, per_device, self.peak),
+                      "peak_memory_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_steps,
+                      **self.progress()})
+            if can_eval and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
+                emit({"step": self.step, **self.evaluate(), **self.progress()})
+        logger.close()
+        return records
+
+    def progress(self) -> dict:
+        """Where the run is in the sample stream."""
+        return {"consumed_samples": self.consumed_samples,
+                "tokens_seen": self.consumed_samples * self.cfg.train.seq_len}
+
+
+class Profiler:
+    """torch.profiler traces (and, on CUDA, a memory snapshot) for the steps in `train.profile_steps`."""
+
+    def __init__(self, run_dir: Path, steps: list[int], device: torch.device, enabled: bool):
+        self.steps, self.dir, self.device = set(steps), run_dir / "profile", device
+        self.enabled = enabled and bool(self.steps)
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        """Profile this step if it was asked for."""
+        if not self.enabled or step not in self.steps:
+            yield
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        cuda = self.device.type == "cuda"
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+            yield
+        prof.export_chrome_trace(str(self.dir / f"step{step}.trace.json"))
+        if cuda:
+            torch.cuda.memory._dump_snapshot(str(self.dir / f"step{step}.memory.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        print(f"profile of step {step} written to {self.dir}", file=sys.stderr)
+
+
+def run_info(cfg: Config, state: ParallelState, model: torch.nn.Module) -> dict:
+    """What run_info.json records: layout, parameter counts, versions."""
+    total = count_parameters(cfg.model)
+    return {
+        "world_size": state.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
+        "parameters": total, "parameters_rank0": sum(p.numel() for p in model.parameters()),
+        "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
+        "device": device_name(state.device), "backend": dist.get_backend() if dist.is_initialized() else None,
+        "versions": {"weft": engine.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": asdict(cfg.model),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

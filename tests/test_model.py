@@ -1,0 +1,213 @@
+"""The GPT model against Hugging Face's GPT-2 and Llama, recomputation, initialisation, and the size/FLOP counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from engine.config import Config, ModelConfig, fill_defaults
+from engine.model import GPT, count_parameters, flops_per_token
+
+VOCAB = 97
+
+
+def model_cfg(arch: str, **overrides) -> ModelConfig:
+    """A tiny ModelConfig with the run's defaults filled in."""
+    fields = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "max_seq_len": 32} | overrides
+    return fill_defaults(Config(model=ModelConfig(arch=arch, **fields)), world_size=1, vocab_size=VOCAB).model
+
+
+def randomised(model: GPT) -> GPT:
+    """Every parameter random (norms and biases too), so a mis-mapped weight cannot hide behind ones and zeros."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def gpt2_into_hf(model: GPT):
+    """transformers' GPT2LMHeadModel holding our weights (its Conv1D stores (in, out): our Linear transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.cfg
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
+        n_head=cfg.num_heads, n_inner=cfg.ffn_hidden_size, activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+    state = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+             "transformer.ln_f.weight": model.norm.weight, "transformer.ln_f.bias": model.norm.bias,
+             "lm_head.weight": model.head.weight}
+    for i, block in enumerate(model.blocks):
+        a, m, p = block.attn, block.mlp, f"transformer.h.{i}."
+        state |= {
+            p + "ln_1.weight": block.attn_norm.weight, p + "ln_1.bias": block.attn_norm.bias,
+            p + "attn.c_attn.weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T,
+            p + "attn.c_attn.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+            p + "attn.c_proj.weight": a.o_proj.weight.T, p + "attn.c_proj.bias": a.o_proj.bias,
+            p + "ln_2.weight": block.mlp_norm.weight, p + "ln_2.bias": block.mlp_norm.bias,
+            p + "mlp.c_fc.weight": m.up_proj.weight.T, p + "mlp.c_fc.bias": m.up_proj.bias,
+            p + "mlp.c_proj.weight": m.down_proj.weight.T, p + "mlp.c_proj.bias": m.down_proj.bias,
+        }
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+def llama_into_hf(model: GPT):
+    """transformers' LlamaForCausalLM holding our weights (same (out, in) Linear layout, same names)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.cfg
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len,
+        attn_implementation="eager"))
+    state = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.head.weight}
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        state |= {p + "input_layernorm.weight": block.attn_norm.weight,
+                  p + "post_attention_layernorm.weight": block.mlp_norm.weight}
+        state |= {p + f"self_attn.{name}.weight": getattr(block.attn, name).weight
+                  for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        state |= {p + f"mlp.{name}.weight": getattr(block.mlp, name).weight
+                  for name in ("gate_proj", "up_proj", "down_proj")}
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+def assert_matches_hf(model: GPT, hf) -> None:
+    """Same logits (< 1e-5) on random tokens, and our loss on shifted targets equals HF's loss with labels."""
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(input_ids=tokens).logits
+        assert (ours - theirs).abs().max().item() < 1e-5
+        # HF shifts labels inside: position t predicts token t+1, the last position predicts nothing.
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        torch.testing.assert_close(loss, hf(input_ids=tokens, labels=tokens).loss, rtol=1e-6, atol=1e-6)
+
+
+def test_gpt2_matches_transformers():
+    torch.manual_seed(0)
+    model = randomised(GPT(model_cfg("gpt2", norm_eps=1e-5))).eval()
+    assert model.head.weight is model.tok_emb.weight
+    assert_matches_hf(model, gpt2_into_hf(model))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_matches_transformers(tie):
+    torch.manual_seed(0)
+    cfg = model_cfg("llama", num_kv_heads=2, rope_theta=500000.0, norm_eps=1e-6, tie_embeddings=tie)
+    model = randomised(GPT(cfg)).eval()
+    assert (model.head.weight is model.tok_emb.weight) == tie
+    assert_matches_hf(model, llama_into_hf(model))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_recompute_gives_identical_gradients(arch, dropout, monkeypatch):
+    """Same loss and bit-identical gradients; the attention core (selective) or whole blocks (full) rerun."""
+    attention_calls, mlp_calls = [], []
+    attention = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a, **kw: attention_calls.append(1) or attention(*a, **kw))
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    results = {}
+    for recompute in ("none", "selective", "full"):
+        torch.manual_seed(0)  # same weights and same dropout masks for each
+        model = GPT(model_cfg(arch, num_kv_heads=2, dropout=dropout, recompute=recompute)).train()
+        for block in model.blocks:
+            # A pre-hook: recomputation stops as soon as the last saved tensor is rebuilt, before an MLP returns.
+            block.mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+        attention_calls.clear()
+        mlp_calls.clear()
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results[recompute] = (loss, {n: p.grad for n, p in model.named_parameters()})
+        layers = model.cfg.num_layers
+        assert len(attention_calls) == (layers if recompute == "none" else 2 * layers)
+        assert len(mlp_calls) == (2 * layers if recompute == "full" else layers)
+    for recompute in ("selective", "full"):
+        torch.testing.assert_close(results[recompute], results["none"], rtol=0, atol=0)
+
+
+PARAMETER_CASES = [
+    ("gpt2", {}),
+    ("gpt2", {"tie_embeddings": False}),
+    ("gpt2", {"num_kv_heads": 2}),
+    ("llama", {"num_kv_heads": 1}),
+    ("llama", {"num_kv_heads": 2}),
+    ("llama", {"num_kv_heads": 4}),
+    ("llama", {"num_kv_heads": 2, "tie_embeddings": True}),
+    ("llama", {"ffn_hidden_size": 96, "num_layers": 3}),
+]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), PARAMETER_CASES)
+def test_count_parameters_matches_model(arch, overrides):
+    cfg = model_cfg(arch, **overrides)
+    model = GPT(cfg)
+    # Independent of parameters()'s own de-duplication: the state dict lists a tied weight under both names.
+    unique = {t.data_ptr(): t.numel() for t in model.state_dict().values()}
+    assert count_parameters(cfg) == model.num_parameters() == sum(unique.values())
+
+
+def test_count_parameters_matches_published_sizes():
+    """GPT-2 small is 124,439,808 parameters in HF's checkpoint; TinyLlama-1.1B is 1,100,048,384."""
+    gpt2 = ModelConfig(arch="gpt2", num_layers=12, hidden_size=768, num_heads=12, max_seq_len=1024)
+    llama = ModelConfig(arch="llama", num_layers=22, hidden_size=2048, num_heads=32, num_kv_heads=4,
+                        ffn_hidden_size=5632)
+    assert count_parameters(fill_defaults(Config(model=gpt2), 1, vocab_size=50257).model) == 124_439_808
+    assert count_parameters(fill_defaults(Config(model=llama), 1, vocab_size=32000).model) == 1_100_048_384
+
+
+def test_flops_per_token_by_hand():
+    """Llama, 4 heads of 16 with 2 KV heads, 2 layers: every matmul written out, then the attention term."""
+    cfg = model_cfg("llama", num_kv_heads=2, ffn_hidden_size=192, tie_embeddings=True)
+    h, kv, f, layers, seq = 64, 2 * 16, 192, 2, 32
+    q, k, v, o = h * h, h * kv, h * kv, h * h
+    gate, up, down = h * f, h * f, f * h
+    head = h * VOCAB  # counted although tied: the output projection is still a matmul
+    n_matmul = layers * (q + k + v + o + gate + up + down) + head
+    attention = layers * 3 * (2 * seq * h + 2 * seq * h)  # q k^T and scores v, forward + 2x backward
+    assert flops_per_token(cfg, seq) == 6 * n_matmul + attention
+
+
+def test_flops_per_token_gpt2_by_hand():
+    cfg = model_cfg("gpt2")  # ffn 4h, tied
+    h, f, layers, seq = 64, 256, 2, 20
+    n_matmul = layers * (4 * h * h + h * f + f * h) + h * VOCAB
+    assert flops_per_token(cfg, seq) == 6 * n_matmul + 12 * layers * h * seq
+
+
+def test_grouped_query_saves_exactly_the_kv_projections():
+    full, grouped = model_cfg("llama", num_kv_heads=4), model_cfg("llama", num_kv_heads=1)
+    head_dim, saved_heads = 16, 3
+    kv_projection_flops = 6 * 2 * full.num_layers * full.hidden_size * saved_heads * head_dim  # k and v
+    assert flops_per_token(full, 64) - flops_per_token(grouped, 64) == kv_projection_flops
+
+
+def test_flops_ignore_tying():
+    assert flops_per_token(model_cfg("gpt2", tie_embeddings=True), 32) == flops_per_token(
+        model_cfg("gpt2", tie_embeddings=False), 32)
+
+
+def test_init():
+    torch.manual_seed(0)
+    layers, std = 4, 0.02
+    model = GPT(model_cfg("gpt2", num_layers=layers, hidden_size=256, init_std=std))
+    block = model.blocks[-1]
+    for proj in (block.attn.o_proj, block.mlp.down_proj):
+        assert proj.weight.std().item() == pytest.approx(std / math.sqrt(2 * layers), rel=0.05)
+    for weight in (block.attn.q_proj.weight, block.mlp.up_proj.weight, model.tok_emb.weight, model.pos_emb.weight):
+        assert weight.std().item() == pytest.approx(std, rel=0.05)
+        assert abs(weight.mean().item()) < std / 20
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif "norm" in name:
+            assert torch.all(p == 1), name
