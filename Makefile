@@ -10,6 +10,8 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.weft-installed
 RUN ?= runs/demo
 WORKERS ?= 2
+RANKS ?= 2
+ARGS ?=
 
 .PHONY: help venv test test-slow lint demo bench clean
 
@@ -38,12 +40,18 @@ test: $(STAMP) lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The main job: corpus -> tokenizer -> shards -> a small GPT trained by $(RANKS) data-parallel CPU ranks.
 demo: $(STAMP)
 	$(PY) tools/build_corpus.py --output $(RUN)/corpus.jsonl --max-size 8MB
 	$(PY) tools/train_tokenizer.py --input $(RUN)/corpus.jsonl --output $(RUN)/tokenizer --vocab-size 4096
 	$(PY) tools/preprocess_data.py --input $(RUN)/corpus.jsonl --output-prefix $(RUN)/shards/stdlib \
 		--tokenizer $(RUN)/tokenizer --workers $(WORKERS) --overwrite
-	$(PY) tools/inspect_shards.py $(RUN)/shards/stdlib --tokenizer $(RUN)/tokenizer --verify
+	$(PY) tools/inspect_shards.py $(RUN)/shards/stdlib --tokenizer $(RUN)/tokenizer --verify --entropy
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(RANKS) -m engine.train \
+		train=demo optim=adamw_small parallel.dp=$(RANKS) data.prefix=$(RUN)/shards/stdlib data.tokenizer=$(RUN)/tokenizer \
+		train.run_dir=$(RUN)/train $(ARGS)
+	@echo "demo done: shards in $(RUN)/shards, run in $(RUN)/train (metrics.jsonl, run_info.json, config.yaml);"
+	@echo "compare the final val_loss with the unigram entropy printed above"
 
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench

@@ -26,11 +26,14 @@ setup(
         "tqdm>=4.60",
         "zstandard>=0.22",
         "pyarrow>=15",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
     ],
     extras_require={
         # A faster encoder for HF BPE tokenizers; used only after it reproduces HF's ids on a sample.
         "fast": ["gigatoken>=0.10", "awkward>=2"],
-        "test": ["pytest>=8", "ruff>=0.6", "triton>=3.6", "gigatoken>=0.10", "awkward>=2"],
+        # transformers: our GPT-2 and Llama forward passes are tested against its models (nothing downloaded).
+        "test": ["pytest>=8", "ruff>=0.6", "triton>=3.6", "gigatoken>=0.10", "awkward>=2", "transformers>=4.45"],
     },
     entry_points={
         "console_scripts": [
@@ -39,6 +42,7 @@ setup(
             "weft-build-corpus=engine.data.builtin_corpus:main",
             "weft-inspect-shards=engine.data.inspect_shards:main",
             "weft-merge-shards=engine.data.merge_shards:main",
+            "weft-train=engine.train:main",
         ]
     },
 )

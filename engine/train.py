@@ -10,10 +10,10 @@ The configuration is validated before any process group starts; every problem is
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -121,6 +121,11 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for people running a job: the message, not the source line that raised it."""
+    return f"warning: {message}\n"
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    warnings.formatwarning = _plain_warning
     main()

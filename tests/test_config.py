@@ -1,0 +1,189 @@
+"""Configuration: Hydra composition, every validation rule, and the arithmetic of schedules, MFU and groups."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from engine.config import Config, ConfigError, fill_defaults, register_configs, unknown_keys, validate
+from engine.model import GPT
+from engine.training.metrics import mfu, peak_tflops
+from engine.training.optimizer import lr_at, param_groups
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def composed(*overrides: str) -> Config:
+    """The config `python -m engine.train <overrides>` would run with."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.mark.parametrize("model", ["gpt2_tiny", "gpt2_124m", "gpt2_350m", "llama_tiny", "llama_1b"])
+def test_presets_compose_and_validate(model):
+    """Every model preset composes onto the schema and validates (vocab given, one process)."""
+    cfg = composed(f"model={model}", "model.vocab_size=50304")
+    assert cfg.model.name == model
+    validate(fill_defaults(cfg, 1), 1)
+
+
+@pytest.mark.parametrize("kv", [1, 2, 4])
+def test_tiny_presets_divide_for_tp_up_to_4(kv):
+    """The tiny presets keep heads, KV heads and FFN divisible for TP 2 and 4 (the TP issue relies on it)."""
+    for name in ("gpt2_tiny", "llama_tiny"):
+        cfg = fill_defaults(composed(f"model={name}", "model.vocab_size=512", f"model.num_kv_heads={kv}"), 4)
+        for tp in (2, 4):
+            assert cfg.model.num_heads % tp == 0 and cfg.model.ffn_hidden_size % tp == 0
+            assert cfg.model.num_kv_heads % tp == 0 or tp % cfg.model.num_kv_heads == 0
+
+
+def test_cli_overrides_reach_the_dataclasses():
+    """Overrides land typed in the dataclasses ('/' separates split weights on a command line: Hydra reads ',' as a
+    sweep)."""
+    cfg = composed("model=llama_tiny", "optim.lr=3e-4", "train.steps=200", "data.split=90/5/5")
+    assert cfg.model.arch == "llama" and cfg.optim.lr == 3e-4 and cfg.train.steps == 200
+    assert cfg.data.split == "90/5/5"
+
+
+def test_plus_keys_are_caught():
+    """`+key=value` slips past Hydra's schema; unknown_keys finds it so the run can refuse it."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+train.stepz=3", "+model.extra.deep=1"])
+    assert sorted(unknown_keys(OmegaConf.to_container(cfg, resolve=True))) == ["model.extra", "train.stepz"]
+
+
+def valid(**changes) -> Config:
+    """A valid one-process config with `section__key=value` changes applied."""
+    cfg = Config()
+    cfg.model.vocab_size = 512
+    for key, value in changes.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+RULES = [
+    ({"model__hidden_size": 100, "model__num_heads": 3}, 1, "hidden_size=100 is not divisible by model.num_heads=3"),
+    ({"model__num_kv_heads": 3}, 1, "not a multiple of model.num_kv_heads=3"),
+    ({"parallel__tp": 3}, 3, "model.num_heads=4 is not divisible by parallel.tp=3"),
+    ({"model__num_layers": 3, "parallel__pp": 2}, 2, "model.num_layers=3 is not divisible by parallel.pp=2"),
+    ({"parallel__dp": 2}, 4, "= 2 but the world size is 4"),
+    ({"train__global_batch_size": 10, "train__micro_batch_size": 4}, 1, "train.global_batch_size=10 is not a multiple"),
+    ({"train__global_batch_size": 12, "train__micro_batch_size": 4}, 2, "micro_batch_size=4 x parallel.dp=2"),
+    ({}, 3, None),  # dp fills the world: 3 ranks x micro 4 does not divide 8
+    ({"train__seq_len": 2048}, 1, "train.seq_len=2048 exceeds model.max_seq_len=1024"),
+    ({"train__precision": "fp8"}, 1, "train.precision='fp8' is not one of fp32, bf16, fp16"),
+    ({"model__recompute": "some"}, 1, "model.recompute='some'"),
+    ({"optim__min_lr": 1.0}, 1, "need 0 <= min_lr <= lr"),
+    ({"model__vocab_size": None}, 1, "model.vocab_size=None: set it"),
+    ({"model__arch": "llama", "model__hidden_size": 12, "model__num_heads": 4}, 1, "must be even for RoPE"),
+    ({"model__dropout": 1.0}, 1, "model.dropout=1.0 must be in [0, 1)"),
+    ({"train__steps": 0}, 1, "train.steps=0 must be at least 1"),
+    ({"parallel__tp": 2}, 2, "tensor and pipeline parallelism are not available yet"),
+]
+
+
+@pytest.mark.parametrize(("changes", "world", "message"), RULES)
+def test_each_rule_fires_with_its_message(changes, world, message):
+    """Each inconsistency is rejected before anything starts, with a message naming the keys."""
+    cfg = fill_defaults(valid(**changes), world)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world)
+    if message is None:
+        message = "train.global_batch_size=8 is not a multiple of train.micro_batch_size=4 x parallel.dp=3"
+    assert message in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    """Independent problems come back in one error, one line each."""
+    cfg = fill_defaults(valid(model__hidden_size=100, model__num_heads=3, train__seq_len=4096), 1)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1)
+    assert str(err.value).count("\n  - ") == 2
+    assert "model.num_heads=3" in str(err.value) and "train.seq_len=4096" in str(err.value)
+
+
+def test_defaults_are_derived():
+    """dp fills the world, KV heads default to query heads, FFN and tying follow the architecture."""
+    gpt = fill_defaults(valid(), 4)
+    assert gpt.parallel.dp == 4 and gpt.model.num_kv_heads == 4 and gpt.model.ffn_hidden_size == 4 * 64
+    assert gpt.model.tie_embeddings is True
+    llama = fill_defaults(valid(model__arch="llama", model__hidden_size=256), 1)
+    assert llama.model.ffn_hidden_size == 704 and llama.model.tie_embeddings is False  # 8/3*256 rounded up to 64
+    assert llama.optim.warmup_steps == 1 and llama.optim.decay_steps == 99
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def schedule(style: str, **kw) -> list[float]:
+    cfg = Config().optim
+    cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps, cfg.decay_style = 1.0, 0.1, 10, 100, style
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return [lr_at(s, cfg) for s in range(130)]
+
+
+def test_warmup_then_cosine():
+    """Linear warmup to lr, cosine to min_lr over decay_steps, then flat at min_lr."""
+    lrs = schedule("cosine")
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lrs[10] == 1.0 and lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lrs[110:] == pytest.approx([0.1] * 20)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_linear_and_wsd_and_constant():
+    """Linear decays evenly; WSD holds lr then decays over the last fraction; constant holds lr."""
+    lin = schedule("linear")
+    assert lin[35] == pytest.approx(1.0 - 0.9 * 25 / 100)
+    wsd = schedule("wsd", wsd_decay_fraction=0.2)
+    assert wsd[10:90] == pytest.approx([1.0] * 80)
+    assert wsd[100] == pytest.approx(1.0 - 0.9 * 10 / 20) and wsd[110] == pytest.approx(0.1)
+    assert schedule("constant")[50:] == pytest.approx([1.0] * 80)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_mfu_arithmetic_and_peaks():
+    """MFU = FLOPs/token x tokens/s / peak; peaks come from the override or the table, never a CPU guess."""
+    assert mfu(6e9, 1e5, 989.4) == pytest.approx(6e9 * 1e5 / 989.4e12)
+    assert mfu(6e9, 1e5, None) is None
+    cpu = torch.device("cpu")
+    assert peak_tflops(cpu, "bf16") is None
+    assert peak_tflops(cpu, "bf16", override=12.5) == 12.5
+
+
+def test_weight_decay_groups():
+    """Matrices decay; norms, biases and embeddings do not (unless configured); every parameter once."""
+    cfg = fill_defaults(valid(), 1)
+    model = GPT(cfg.model)
+    decay, no_decay = param_groups(model, cfg.optim)
+    assert decay["weight_decay"] == cfg.optim.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"])
+    emb = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    assert emb <= {id(p) for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    cfg.optim.decay_embeddings = True
+    decay, _ = param_groups(model, cfg.optim)
+    assert emb <= {id(p) for p in decay["params"]}
+
+
+def test_dry_run_prints_the_plan():
+    """train.dry_run builds on the meta device and prints parameters, FLOPs/token and memory, then exits."""
+    r = subprocess.run([sys.executable, "-m", "engine.train", "model=llama_1b", "train.dry_run=true",
+                        "model.vocab_size=32000", "train.seq_len=2048", "model.max_seq_len=2048"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "1,100,048,384 parameters" in r.stdout
+    assert "FLOPs per token" in r.stdout and "estimated memory per rank" in r.stdout
+    flops_line = next(line for line in r.stdout.splitlines() if "FLOPs per token" in line)
+    assert math.isclose(float(flops_line.split(":")[1].split()[0]), 6 * 1.1e9, rel_tol=0.2)

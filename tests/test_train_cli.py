@@ -1,0 +1,88 @@
+"""`python -m engine.train` and torchrun as users run them: the run directory, errors, sweeps, DP=2 == one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.data.preprocess import preprocess
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.max_seq_len=64", "train.seq_len=32",
+        "train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_interval=2",
+        "train.eval_interval=3", "train.eval_iters=1", "data.tokenizer=byte", "data.split=80/20/0"]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory, stdlib_corpus) -> str:
+    prefix = tmp_path_factory.mktemp("cli") / "stdlib"
+    preprocess([stdlib_corpus], str(prefix), tokenizer="byte", progress=False, log=lambda *a, **k: None)
+    return str(prefix)
+
+
+def train(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the trainer from `cwd` (not the checkout: it must work from anywhere)."""
+    cmd = (launcher or [sys.executable]) + ["-m", "engine.train", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents(tmp_path, shard):
+    """One run writes config.yaml, run_info.json and metrics.jsonl into train.run_dir, and nothing else there."""
+    run = tmp_path / "run"
+    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={run}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "run_info.json"]
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["world_size"] == 1 and (info["tp"], info["pp"], info["dp"]) == (1, 1, 1)
+    assert info["parameters"] == info["parameters_rank0"] > 0 and info["versions"]["torch"]
+    assert f"prefix: {shard}" in (run / "config.yaml").read_text()
+    lines = metrics(run)
+    assert [m["step"] for m in lines if "val_loss" in m] == [0, 3, 6]
+    assert [m["step"] for m in lines if "loss" in m] == [2, 4, 6]
+    assert "val_loss" in r.stdout and "tok/s" in r.stdout
+
+
+def test_bad_configuration_exits_2_before_starting(tmp_path, shard):
+    """A bad config is refused with exit code 2, a message naming the key, and no run directory created."""
+    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", "model.num_heads=3"], tmp_path)
+    assert r.returncode == 2 and "model.num_heads=3" in r.stderr
+    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", "+train.stepz=1"], tmp_path)
+    assert r.returncode == 2 and "unknown configuration keys: train.stepz" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_multirun_sweep_gets_one_directory_per_job(tmp_path, shard):
+    """`-m optim.lr=a,b` runs both jobs, each in its own run directory."""
+    base = tmp_path / "sweep"
+    r = train(["-m", *TINY, "train.steps=2", "train.eval_interval=0", f"data.prefix={shard}",
+               f"train.run_dir={base}", "optim.lr=1e-3,2e-3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    jobs = [base / "multirun" / str(i) for i in (0, 1)]
+    assert all((job / "run_info.json").exists() for job in jobs)
+    assert [[m for m in metrics(job) if "lr" in m][-1]["lr"] for job in jobs] == [1e-3, 2e-3]
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, shard):
+    """torchrun with 2 gloo ranks (env://) logs the single process's losses (rtol 1e-5), from one rank."""
+    common = [*TINY, f"data.prefix={shard}", f"data.cache_dir={tmp_path / 'cache'}"]
+    r1 = train([*common, f"train.run_dir={tmp_path / 'one'}"], tmp_path)
+    assert r1.returncode == 0, r1.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r2 = train([*common, "parallel=dp2", f"train.run_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
+    assert r2.returncode == 0, r2.stderr
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    np.testing.assert_allclose([m["loss"] for m in two if "loss" in m], [m["loss"] for m in one if "loss" in m],
+                               rtol=1e-5)
+    assert r2.stdout.count("step      2 |") == 1  # one logging rank
+    assert json.loads((tmp_path / "two" / "run_info.json").read_text())["dp"] == 2
