@@ -111,9 +111,15 @@ def run(cfg: DictConfig) -> None:
         shutdown()
 
 
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings for people running a job: the message, not the source line that raised it."""
+    return f"warning: {message}\n"
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
+    warnings.formatwarning = _plain_warning
     try:
         run(cfg)
     except ConfigError as e:
@@ -121,11 +127,5 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def _plain_warning(message, category, filename, lineno, line=None) -> str:
-    """Warnings for people running a job: the message, not the source line that raised it."""
-    return f"warning: {message}\n"
-
-
 if __name__ == "__main__":
-    warnings.formatwarning = _plain_warning
     main()
