@@ -165,3 +165,45 @@ def count_allreduce_launches(rank: int, world_size: int, shard: str, cache: str,
         dist.all_reduce = original
     gradient_calls = [n for n in calls if n > 1]  # the loss average is a single scalar
     return len(gradient_calls), len(trainer.grad_sync.buckets)
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, shard):
+    """fp16 loss scaling: a step whose gradients overflow is skipped (parameters untouched) and counted."""
+    prefix, cache = shard
+    cfg = tiny_config(prefix, cache, precision="fp16")
+    state = ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu"))
+    trainer = Trainer(cfg, state, tmp_path)
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    hook = trainer.model.blocks[0].mlp.register_full_backward_hook(
+        lambda module, grad_in, grad_out: tuple(torch.full_like(g, float("inf")) if g is not None else g
+                                                for g in grad_in))
+    trainer.train_step()
+    hook.remove()
+    assert trainer.skipped_steps == 1
+    for a, b in zip(before, trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    trainer.train_step()
+    assert trainer.skipped_steps == 1  # the scaler backed off and training goes on
+
+
+def test_profile_steps_write_a_trace(tmp_path, shard):
+    """train.profile_steps writes a torch profiler trace for exactly the chosen steps."""
+    prefix, cache = shard
+    cfg = tiny_config(prefix, cache)
+    cfg.train.steps, cfg.train.profile_steps = 3, [2]
+    train_losses(cfg, str(tmp_path))
+    traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert traces == ["step2.trace.json"]
+    assert '"traceEvents"' in (tmp_path / "profile" / "step2.trace.json").read_text()[:2000]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(tmp_path, shard):
+    """train.compile=true (torch.compile per block) gives the eager losses (rtol 1e-4; ~1 min to compile on CPU)."""
+    prefix, cache = shard
+    eager, _ = train_losses(tiny_config(prefix, cache), str(tmp_path / "eager"))
+    cfg = tiny_config(prefix, cache)
+    cfg.train.compile = True
+    compiled, _ = train_losses(cfg, str(tmp_path / "compiled"))
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
