@@ -16,10 +16,10 @@ ARGS ?=
 .PHONY: help venv test test-slow lint demo bench clean
 
 help:
-	@echo "make demo       build the built-in corpus, tokenizer and shards under $(RUN)/ (then train, as the engine grows)"
+	@echo "make demo       built-in corpus -> tokenizer -> shards -> a small GPT trained by $(RANKS) CPU ranks, in $(RUN)/"
 	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
 	@echo "make test-slow  the full matrices and long fault trials"
-	@echo "make bench      preprocessing and index-building benchmark on the built-in corpus"
+	@echo "make bench      data-pipeline and training-step benchmarks"
 	@echo "make clean      remove $(VENV) and runs/"
 
 $(STAMP): setup.py constraints.txt
@@ -55,6 +55,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench
+	$(PY) tools/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs
