@@ -72,17 +72,44 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def time_steps(step, warmup: int, steps: int, sync) -> list[float]:
-    for _ in range(warmup):
-        step()
+def time_interleaved(steps: dict, warmup: int, rounds: int, per_round: int, sync) -> dict[str, list[float]]:
+    """Per-step seconds of each step function, measured in alternating rounds so machine drift hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                step()
+                sync()
+                times[name].append(time.perf_counter() - t0)
     return times
+
+
+def plain_gpt_step(args, device: torch.device, params: int):
+    """One training step of the plain reference: forward, backward, clip, AdamW, zero grads."""
+    torch.manual_seed(0)
+    plain = PlainGPT(args.vocab, args.seq_len, *PRESETS[args.model][:3]).to(device)
+    if sum(q.numel() for q in plain.parameters()) != params:
+        raise AssertionError("the reference and our model differ in size")
+    opt = torch.optim.AdamW(plain.parameters(), lr=3e-4, weight_decay=0.1, foreach=device.type != "cuda",
+                            fused=device.type == "cuda")
+    data = torch.randint(0, args.vocab, (64, args.seq_len + 1), device=device)
+    autocast = autocast_factory(args.precision, device)
+
+    def step():
+        rows = data[torch.randint(0, 64, (args.batch,), device=device)]
+        with autocast():
+            loss = plain(rows[:, :-1], rows[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def main() -> int:
@@ -120,37 +147,19 @@ def main() -> int:
         fill_defaults(cfg, 1)
         validate(cfg, 1)
         trainer = Trainer(cfg, ParallelState(1, 1, 1, 0, device), tmp)
-        ours = time_steps(trainer.train_step, args.warmup, args.steps, sync)
         flops = trainer.flops_per_token
         params = sum(q.numel() for q in trainer.model.parameters())
-        del trainer
-
-    results = {"weft Trainer.train_step": ours}
-    if arch == "gpt2":
-        torch.manual_seed(0)
-        plain = PlainGPT(args.vocab, args.seq_len, layers, h, heads).to(device)
-        opt = torch.optim.AdamW(plain.parameters(), lr=3e-4, weight_decay=0.1,
-                                foreach=device.type != "cuda", fused=device.type == "cuda")
-        data = torch.randint(0, args.vocab, (64, args.seq_len + 1), device=device)
-        autocast = autocast_factory(args.precision, device)
-
-        def plain_step():
-            rows = data[torch.randint(0, 64, (args.batch,), device=device)]
-            with autocast():
-                loss = plain(rows[:, :-1], rows[:, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        results["plain PyTorch GPT (same shape)"] = time_steps(plain_step, args.warmup, args.steps, sync)
-        assert sum(q.numel() for q in plain.parameters()) == params, "reference and ours differ in size"
+        steps = {"weft Trainer.train_step": trainer.train_step}
+        if arch == "gpt2":
+            steps["plain PyTorch GPT (same shape)"] = plain_gpt_step(args, device, params)
+        rounds = max(1, args.steps // 5)
+        results = time_interleaved(steps, args.warmup, rounds, 5, sync)
 
     peak = peak_tflops(device, args.precision)
     print(f"# training-step benchmark, {time.strftime('%Y-%m-%d')}, {device_name(device)}, torch {torch.__version__}, "
           f"{args.threads} threads")
     print(f"model {args.model} ({arch}, {layers} layers, hidden {h}, {params:,} parameters), batch {args.batch} x "
-          f"seq {args.seq_len}, {args.precision}, median of {args.steps} steps after {args.warmup} warmup")
+          f"seq {args.seq_len}, {args.precision}, median of {args.steps} steps each, in alternating rounds of 5")
     print(f"{'':34s} {'ms/step':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
     medians = {}
     for name, times in results.items():
