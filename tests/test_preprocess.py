@@ -180,6 +180,28 @@ def test_strict_fails_on_first_bad_record_and_writes_nothing(tmp_path):
     assert not list(tmp_path.glob("o*"))
 
 
+def test_strict_failure_with_sharding_leaves_no_shard(tmp_path):
+    """With --max-shard-size, shards finished before a --strict failure are removed too, not left looking whole."""
+    path = tmp_path / "late_bad.jsonl"
+    path.write_bytes(b'{"text": "fine document number one"}\n' * 200 + b"not json\n")
+    with pytest.raises(StrictModeError, match=rf"{path}:201: malformed_json"):
+        preprocess([str(path)], str(tmp_path / "m"), strict=True, max_shard_size=200, log=quiet, progress=False)
+    assert not list(tmp_path.glob("m*"))
+
+
+def test_failed_overwrite_keeps_the_previous_output(tmp_path):
+    """--overwrite replaces the old shard only once the new one is complete: a failed run leaves the old intact."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"text": "the old output"}\n')
+    bad.write_bytes(b'{"text": "new"}\n{"text": 7}\n')
+    preprocess([str(good)], str(tmp_path / "o"), log=quiet, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("o.*")}
+    with pytest.raises(StrictModeError):
+        preprocess([str(bad)], str(tmp_path / "o"), strict=True, overwrite=True, log=quiet, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("o.*")} == before
+    assert_documents(tmp_path / "o", ["the old output"], "byte")
+
+
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
 def test_truncated_compressed_file(tmp_path, suffix):
     """A truncated .gz/.zst keeps the documents before the damage and counts the file as truncated."""

@@ -158,20 +158,31 @@ class IndexedDatasetBuilder:
         else:
             self.abort()
 
-    def finalize(self) -> None:
-        """Write the index and move both files to their final names."""
+    def finalize(self, publish: bool = True) -> None:
+        """Write the index; with `publish`, move both files to their final names (else see `publish_shard`)."""
         self._bin.close()
-        idx_tmp = idx_path(self.prefix) + ".tmp"
-        write_index(idx_tmp, self.dtype, np.frombuffer(self._sizes, np.int32), np.frombuffer(self._doc_index, np.int64))
-        os.replace(self._bin_tmp, bin_path(self.prefix))
-        os.replace(idx_tmp, idx_path(self.prefix))
+        write_index(idx_path(self.prefix) + ".tmp", self.dtype, np.frombuffer(self._sizes, np.int32),
+                    np.frombuffer(self._doc_index, np.int64))
+        if publish:
+            publish_shard(self.prefix)
 
     def abort(self) -> None:
         """Drop the partial files."""
         self._bin.close()
-        for p in (self._bin_tmp, idx_path(self.prefix) + ".tmp"):
-            if os.path.exists(p):
-                os.remove(p)
+        discard_shard(self.prefix)
+
+
+def publish_shard(prefix: str) -> None:
+    """Move a finalized shard's temporary files to their final names (the .bin first: the .idx marks it whole)."""
+    os.replace(bin_path(prefix) + ".tmp", bin_path(prefix))
+    os.replace(idx_path(prefix) + ".tmp", idx_path(prefix))
+
+
+def discard_shard(prefix: str) -> None:
+    """Remove a shard's temporary files, if any."""
+    for p in (bin_path(prefix) + ".tmp", idx_path(prefix) + ".tmp"):
+        if os.path.exists(p):
+            os.remove(p)
 
 
 class IndexedDataset:

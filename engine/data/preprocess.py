@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.data.indexed_dataset import IndexedDatasetBuilder, bin_path, idx_path, token_dtype
+from engine.data.indexed_dataset import (
+    IndexedDatasetBuilder,
+    bin_path,
+    discard_shard,
+    idx_path,
+    publish_shard,
+    token_dtype,
+)
 from engine.data.progress import Progress, format_bytes, parse_size
 from engine.data.sources import TXT_SPLITS, Batch, InputError, Skip, document_texts, expand_inputs, read_batches
 from engine.data.tokenizer import TokenizerError, load_tokenizer, self_check_on
@@ -126,8 +133,9 @@ class ShardWriter:
                 self._close()
 
     def _close(self) -> None:
+        # Finished shards stay under temporary names until the whole run succeeds (`publish`).
         if self._builder is not None:
-            self._builder.finalize()
+            self._builder.finalize(publish=False)
             self._builder = None
 
     def finalize(self) -> None:
@@ -135,11 +143,18 @@ class ShardWriter:
         self._open()
         self._close()
 
+    def publish(self) -> None:
+        """Give every shard its final name."""
+        for p in self.paths:
+            publish_shard(p)
+
     def abort(self) -> None:
-        """Remove the shard being written."""
+        """Remove every shard of this output, finished or not: a failed run leaves nothing that looks whole."""
         if self._builder is not None:
             self._builder.abort()
             self._builder = None
+        for p in self.paths:
+            discard_shard(p)
 
 
 def output_prefixes(prefix: str, keys: Sequence[str]) -> dict[str, str]:
@@ -224,8 +239,6 @@ def preprocess(
     stale = [f for p in prefixes.values() for f in existing_outputs(p)]
     if stale and not overwrite:
         raise InputError(f"output exists: {', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}; pass --overwrite")
-    for f in stale:
-        os.remove(f)
 
     settings = {"keys": list(json_keys), "txt_split": txt_split, "dtype": dtype.str}
     summary = Summary(files=len(files), tokenizer=tok.name, encoder=getattr(tok, "fast_backend_note", "built-in"))
@@ -270,6 +283,14 @@ def preprocess(
         bar.close()
         raise
     bar.close()
+    # Only now does anything under the final names change: new shards replace old ones, then leftovers of an
+    # older, longer run (numbered shards past the new last one) are removed.
+    for w in writers.values():
+        w.publish()
+    new = {f for w in writers.values() for p in w.paths for f in (bin_path(p), idx_path(p))}
+    for f in stale:
+        if f not in new:
+            os.remove(f)
     for k, w in writers.items():
         summary.documents[k] = w.documents
         summary.tokens[k] = w.tokens
@@ -361,13 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail on the first record that would be skipped (malformed JSON, missing key, invalid "
                    "UTF-8, empty document, damaged file) instead of skipping and counting it")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output shards with this prefix")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output shards with this prefix (only once the new ones are complete)")
     p.add_argument("--batch-size", type=parse_size, default=parse_size("1MB"), metavar="SIZE", dest="batch_bytes",
                    help="raw input bytes per work item sent to a worker")
     p.add_argument("--no-fast-tokenizer", dest="fast_tokenizer", action="store_false",
                    help="never use gigatoken, even when installed and checked identical to Hugging Face")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bar (it is shown on a terminal; elsewhere a line every 30 s)")
+                   help="no progress reports at all (default: a bar on a terminal, elsewhere a line every 30 s)")
     return p
 
 
