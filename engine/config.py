@@ -152,12 +152,13 @@ def unknown_keys(raw: dict, schema: type = Config, path: str = "") -> list[str]:
         full = f"{path}{key}"
         if key not in names:
             out.append(full)
-        elif isinstance(value, dict) and dataclasses.is_dataclass(_field_type(schema, key)):
-            out.extend(unknown_keys(value, _field_type(schema, key), full + "."))
+        elif isinstance(value, dict) and dataclasses.is_dataclass(_nested_schema(schema, key)):
+            out.extend(unknown_keys(value, _nested_schema(schema, key), full + "."))
     return out
 
 
-def _field_type(schema: type, name: str) -> Any:
+def _nested_schema(schema: type, name: str) -> Any:
+    """The dataclass a field holds (its default factory), or None for a plain field."""
     default = next(f for f in dataclasses.fields(schema) if f.name == name).default_factory
     return default if default is not dataclasses.MISSING else None
 
@@ -165,7 +166,7 @@ def _field_type(schema: type, name: str) -> Any:
 def fill_defaults(cfg: Config, world_size: int, vocab_size: int | None = None) -> Config:
     """Resolve the `None` = derived settings (dp, kv heads, ffn size, tying, vocabulary, schedule lengths)."""
     m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
-    if p.dp is None and world_size % (p.tp * p.pp) == 0:
+    if p.dp is None and p.tp * p.pp > 0 and world_size % (p.tp * p.pp) == 0:
         p.dp = world_size // (p.tp * p.pp)
     if m.num_kv_heads is None:
         m.num_kv_heads = m.num_heads
@@ -207,6 +208,7 @@ def validate(cfg: Config, world_size: int) -> None:
                         ("train.global_batch_size", t.global_batch_size), ("train.log_interval", t.log_interval),
                         ("train.eval_iters", t.eval_iters)]:
         check(value >= 1, f"{name}={value} must be at least 1")
+    check(m.num_kv_heads is None or m.num_kv_heads >= 1, f"model.num_kv_heads={m.num_kv_heads} must be at least 1")
     if errors:  # the rules below divide by these
         raise ConfigError(_format(errors))
 

@@ -1,15 +1,17 @@
-"""Training entry point: `python -m engine.train [overrides]`, or under torchrun / srun for several ranks.
+"""Training entry point: `python -m engine.train [overrides]`, or under torchrun for several ranks.
 
     python -m engine.train model=llama_tiny optim.lr=3e-4 train.steps=200
-    torchrun --nproc-per-node 2 -m engine.train parallel.dp=2
+    torchrun --standalone --nproc-per-node 2 -m engine.train parallel=dp2
     python -m engine.train train.dry_run=true model=llama_1b
     python -m engine.train -m optim.lr=1e-3,3e-4          # a local sweep, one run directory per job
 
-The configuration is validated before any process group starts; every problem is reported at once.
+The configuration - and the files, device and packages it names - is checked before any process group starts;
+every problem is reported at once, and the exit code is 2.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 import time
@@ -19,10 +21,15 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import kernels
 from engine.config import Config, ConfigError, fill_defaults, register_configs, unknown_keys, validate
+from engine.data.builder import open_shard, parse_prefix
+from engine.data.gpt_dataset import parse_split
+from engine.data.indexed_dataset import ShardFormatError
+from engine.data.tokenizer import TokenizerError, load_tokenizer
 from engine.parallel.state import init_parallel, pick_device, shutdown, world_from_env
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -59,7 +66,7 @@ def dry_run(cfg: Config) -> None:
           f"{t.micro_batch_size} x accumulation {t.global_batch_size // (t.micro_batch_size * p.dp)} x dp {p.dp}")
 
 
-def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+def prepare_run_dir(run_dir: Path, config: Config) -> None:
     """Create the run directory (logging rank only) with the resolved config; keep an old metrics.jsonl aside."""
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
@@ -67,38 +74,76 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
         kept = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         shutil.move(metrics, kept)
         print(f"note: {run_dir} already held metrics.jsonl; moved it to {kept.name}", file=sys.stderr)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # The configuration that runs: every derived default (dp, vocabulary, FFN size, schedule lengths) filled in.
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
 
 
-def run(cfg: DictConfig) -> None:
-    """Validate, set up the mesh, train."""
-    config = to_config(cfg)
-    rank, world = world_from_env()
-    vocab = None
-    if config.model.vocab_size is None:
-        from engine.training.trainer import tokenizer_vocab_size
+def model_vocab_size(config: Config) -> int | None:
+    """model.vocab_size, else the size of data.tokenizer's vocabulary."""
+    if config.model.vocab_size is not None:
+        return config.model.vocab_size
+    try:
+        return load_tokenizer(config.data.tokenizer, fast_backend=False).vocab_size
+    except TokenizerError as e:
+        raise ConfigError(f"data.tokenizer: {e}; point it at the tokenizer the shards were written with, or set "
+                          "model.vocab_size") from None
 
-        vocab = tokenizer_vocab_size(config.data.tokenizer)
-    fill_defaults(config, world, vocab)
-    validate(config, world)
+
+def check_environment(config: Config) -> None:
+    """What the configuration names must exist: the shards, the device, optional packages. Raises ConfigError."""
+    errors = []
+    try:
+        parse_split(config.data.split)
+        for _, prefix in parse_prefix(config.data.prefix):
+            open_shard(prefix)
+    except (ShardFormatError, ValueError) as e:
+        errors.append(f"data: {e}")
+    try:
+        device = pick_device(config.train.device)
+        if config.optim.impl == "fused" and device.type != "cuda":
+            errors.append("optim.impl=fused needs CUDA; use optim.impl=auto (foreach on CPU)")
+    except RuntimeError as e:
+        errors.append(str(e))
+    if config.optim.impl == "apex" and importlib.util.find_spec("apex") is None:
+        errors.append("optim.impl=apex but NVIDIA apex is not installed (not on PyPI: build it from "
+                      "github.com/NVIDIA/apex), or use optim.impl=auto")
     try:
         kernels.configure(config.kernels.backend, config.kernels.attention)
     except (RuntimeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+        errors.append(str(e))
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def run_directory(config: Config) -> Path:
+    """train.run_dir; in a Hydra multirun sweep, the job's own sub-directory of it."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(hydra_cfg.runtime.output_dir)
+    return Path(config.train.run_dir)
+
+
+def run(cfg: DictConfig) -> None:
+    """Validate everything, then set up the mesh and train."""
+    config = to_config(cfg)
+    rank, world = world_from_env()
+    fill_defaults(config, world, model_vocab_size(config))
+    validate(config, world)
     if config.train.dry_run:
         if rank == 0:
             dry_run(config)
         return
+    check_environment(config)
     import torch.distributed as dist
 
     from engine.training.trainer import Trainer, run_info, write_json
 
     p = config.parallel
     state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = run_directory(config)
     try:
         if state.is_logging_rank:
-            prepare_run_dir(run_dir, cfg)
+            prepare_run_dir(run_dir, config)
         if world > 1:
             dist.barrier()
         trainer = Trainer(config, state, run_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from omegaconf import OmegaConf
 
 from engine.config import Config, ConfigError, fill_defaults, register_configs, unknown_keys, validate
 from engine.model import GPT
+from engine.model.flops import flops_per_token
 from engine.training.metrics import mfu, peak_tflops
 from engine.training.optimizer import lr_at, param_groups
 
@@ -91,6 +91,8 @@ RULES = [
     ({"model__dropout": 1.0}, 1, "model.dropout=1.0 must be in [0, 1)"),
     ({"train__steps": 0}, 1, "train.steps=0 must be at least 1"),
     ({"parallel__tp": 2}, 2, "tensor and pipeline parallelism are not available yet"),
+    ({"parallel__tp": 0}, 1, "parallel.tp=0 must be at least 1"),
+    ({"model__num_kv_heads": 0}, 1, "model.num_kv_heads=0 must be at least 1"),
 ]
 
 
@@ -134,21 +136,22 @@ def schedule(style: str, **kw) -> list[float]:
 
 
 def test_warmup_then_cosine():
-    """Linear warmup to lr, cosine to min_lr over decay_steps, then flat at min_lr."""
+    """Linear warmup to lr, cosine to min_lr over decay_steps (the last decay step lands on it), then flat."""
     lrs = schedule("cosine")
     assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
-    assert lrs[10] == 1.0 and lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lrs[110:] == pytest.approx([0.1] * 20)
-    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[59] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lrs[108] > 0.1 and lrs[109] == pytest.approx(0.1)
+    assert lrs[109:] == pytest.approx([0.1] * 21)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
 
 
 def test_linear_and_wsd_and_constant():
     """Linear decays evenly; WSD holds lr then decays over the last fraction; constant holds lr."""
     lin = schedule("linear")
-    assert lin[35] == pytest.approx(1.0 - 0.9 * 25 / 100)
+    assert lin[35] == pytest.approx(1.0 - 0.9 * 26 / 100) and lin[109] == pytest.approx(0.1)
     wsd = schedule("wsd", wsd_decay_fraction=0.2)
-    assert wsd[10:90] == pytest.approx([1.0] * 80)
-    assert wsd[100] == pytest.approx(1.0 - 0.9 * 10 / 20) and wsd[110] == pytest.approx(0.1)
+    assert wsd[9:90] == pytest.approx([1.0] * 81)
+    assert wsd[99] == pytest.approx(1.0 - 0.9 * 10 / 20) and wsd[109] == pytest.approx(0.1)
     assert schedule("constant")[50:] == pytest.approx([1.0] * 80)
 
 
@@ -186,4 +189,5 @@ def test_dry_run_prints_the_plan():
     assert "1,100,048,384 parameters" in r.stdout
     assert "FLOPs per token" in r.stdout and "estimated memory per rank" in r.stdout
     flops_line = next(line for line in r.stdout.splitlines() if "FLOPs per token" in line)
-    assert math.isclose(float(flops_line.split(":")[1].split()[0]), 6 * 1.1e9, rel_tol=0.2)
+    cfg = fill_defaults(composed("model=llama_1b", "model.vocab_size=32000", "train.seq_len=2048"), 1)
+    assert float(flops_line.split(":")[1].split()[0]) == pytest.approx(flops_per_token(cfg.model, 2048), rel=1e-4)

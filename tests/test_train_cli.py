@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from engine.data.preprocess import preprocess
 
@@ -46,31 +47,49 @@ def test_run_directory_contents(tmp_path, shard):
     info = json.loads((run / "run_info.json").read_text())
     assert info["world_size"] == 1 and (info["tp"], info["pp"], info["dp"]) == (1, 1, 1)
     assert info["parameters"] == info["parameters_rank0"] > 0 and info["versions"]["torch"]
-    assert f"prefix: {shard}" in (run / "config.yaml").read_text()
+    resolved = OmegaConf.load(run / "config.yaml")  # what ran, derived defaults filled in
+    assert resolved.data.prefix == shard and resolved.model.vocab_size == 257 and resolved.parallel.dp == 1
+    assert resolved.model.ffn_hidden_size == 4 * 32 and resolved.optim.decay_steps == 6 - resolved.optim.warmup_steps
     lines = metrics(run)
     assert [m["step"] for m in lines if "val_loss" in m] == [0, 3, 6]
     assert [m["step"] for m in lines if "loss" in m] == [2, 4, 6]
     assert "val_loss" in r.stdout and "tok/s" in r.stdout
 
 
-def test_bad_configuration_exits_2_before_starting(tmp_path, shard):
-    """A bad config is refused with exit code 2, a message naming the key, and no run directory created."""
-    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", "model.num_heads=3"], tmp_path)
-    assert r.returncode == 2 and "model.num_heads=3" in r.stderr
-    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", "+train.stepz=1"], tmp_path)
-    assert r.returncode == 2 and "unknown configuration keys: train.stepz" in r.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.num_heads=3", "model.num_heads=3"),
+    ("+train.stepz=1", "unknown configuration keys: train.stepz"),
+    ("data.split=abc", "data.split='abc'"),
+    ("data.prefix=/nonexistent/shard", "/nonexistent/shard.idx: no such file"),
+    ("data.tokenizer=/nonexistent/tok", "data.tokenizer: tokenizer /nonexistent/tok: no such file"),
+    ("optim.impl=fused", "optim.impl=fused needs CUDA"),
+    ("train.device=cuda", "train.device=cuda but no CUDA device"),
+    ("kernels.backend=triton", "kernels.backend='triton'"),
+])
+def test_bad_configuration_exits_2_before_starting(tmp_path, shard, override, message):
+    """Bad values, and files or devices that do not exist, exit 2 naming the key; no run directory appears."""
+    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", override], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_shards_from_another_tokenizer_are_refused(tmp_path, shard):
+    """Byte-token shards with a smaller model vocabulary fail with a clear message, not an embedding IndexError."""
+    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", "model.vocab_size=100"], tmp_path)
+    assert r.returncode != 0
+    assert "outside model.vocab_size=100" in r.stderr and "another tokenizer" in r.stderr
 
 
 def test_multirun_sweep_gets_one_directory_per_job(tmp_path, shard):
     """`-m optim.lr=a,b` runs both jobs, each in its own run directory."""
     base = tmp_path / "sweep"
-    r = train(["-m", *TINY, "train.steps=2", "train.eval_interval=0", f"data.prefix={shard}",
+    r = train(["-m", *TINY, "train.steps=2", "train.log_interval=1", "train.eval_interval=0", f"data.prefix={shard}",
                f"train.run_dir={base}", "optim.lr=1e-3,2e-3"], tmp_path)
     assert r.returncode == 0, r.stderr
     jobs = [base / "multirun" / str(i) for i in (0, 1)]
     assert all((job / "run_info.json").exists() for job in jobs)
-    assert [[m for m in metrics(job) if "lr" in m][-1]["lr"] for job in jobs] == [1e-3, 2e-3]
+    assert [next(m for m in metrics(job) if "lr" in m)["lr"] for job in jobs] == [1e-3, 2e-3]  # end of warmup
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, shard):

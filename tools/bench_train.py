@@ -129,6 +129,8 @@ def main() -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     layers, h, heads, arch = PRESETS[args.model]
     tokens_per_step = args.batch * args.seq_len
+    rounds = max(1, args.steps // 5)
+    args.steps = 5 * rounds  # whole rounds of 5 steps each
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
@@ -152,7 +154,6 @@ def main() -> int:
         steps = {"weft Trainer.train_step": trainer.train_step}
         if arch == "gpt2":
             steps["plain PyTorch GPT (same shape)"] = plain_gpt_step(args, device, params)
-        rounds = max(1, args.steps // 5)
         results = time_interleaved(steps, args.warmup, rounds, 5, sync)
 
     peak = peak_tflops(device, args.precision)

@@ -59,7 +59,6 @@ class BlendedDataset:
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets, self.num_samples = list(datasets), num_samples
-        self.weights = normalise_weights(weights)
         # The weights as given, not re-normalised: builders size the components from this same index, and
         # normalising twice can move a float by one ulp and break a tie differently.
         arrays = blend_index(weights, num_samples, cache_dir)

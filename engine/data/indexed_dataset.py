@@ -70,6 +70,16 @@ def shard_prefix(path: str | os.PathLike) -> str:
     return p[:-4] if p.endswith((".bin", ".idx")) else p
 
 
+def unique_prefixes(paths: Sequence[str]) -> list[str]:
+    """Shard prefixes from prefixes or .bin/.idx paths (a shell glob gives both), order kept."""
+    out: list[str] = []
+    for p in paths:
+        prefix = shard_prefix(p)
+        if prefix not in out:
+            out.append(prefix)
+    return out
+
+
 def write_index(path: str | os.PathLike, dtype: np.dtype, sizes: np.ndarray, doc_index: np.ndarray) -> None:
     """Write an `.idx` file for sequences of `sizes` tokens stored back to back in a `.bin` of `dtype`."""
     dtype = np.dtype(dtype)

@@ -8,19 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.data.indexed_dataset import IndexedDataset, ShardFormatError, shard_prefix
+from engine.data.indexed_dataset import IndexedDataset, ShardFormatError, unique_prefixes
 from engine.data.progress import format_bytes
 from engine.data.tokenizer import TokenizerError, load_tokenizer
-
-
-def unique_prefixes(paths: Sequence[str]) -> list[str]:
-    """Shard prefixes from prefixes or .bin/.idx paths (a shell glob gives both), order kept."""
-    out: list[str] = []
-    for p in paths:
-        prefix = shard_prefix(p)
-        if prefix not in out:
-            out.append(prefix)
-    return out
 
 
 def length_histogram(lengths: np.ndarray, width: int = 40) -> list[str]:

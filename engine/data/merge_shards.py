@@ -9,8 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from engine.data.indexed_dataset import ShardFormatError, bin_path, idx_path, merge_shards
-from engine.data.inspect_shards import unique_prefixes
+from engine.data.indexed_dataset import ShardFormatError, bin_path, idx_path, merge_shards, unique_prefixes
 from engine.data.progress import format_bytes
 
 

@@ -53,6 +53,10 @@ class GradientAllReduce:
             self.buckets.append(_Bucket(current, current[0].dtype, current[0].device))
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         if self.size > 1:
+            # Start every replica from the first one's weights, whatever each rank's initialisation did.
+            src = dist.get_global_rank(group, 0)
+            for p in module.parameters():
+                dist.broadcast(p.data, src=src, group=group)
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
 

@@ -81,11 +81,9 @@ def default_backend(device: torch.device) -> str:
 
 
 def world_from_env() -> tuple[int, int]:
-    """(rank, world size) as torchrun or srun set them; (0, 1) for a plain single process."""
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain single process."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
     return 0, 1
 
 

@@ -3,7 +3,8 @@
 Model states (mixed precision keeps fp32 master parameters): 4 bytes of parameters + 4 of gradients + 8 of Adam
 moments per parameter. Activations per layer follow Korthikanti et al. (2022) for a memory-efficient attention
 kernel (no s^2 scores kept): about 34·s·b·h bytes at 16-bit, twice that in fp32; `full` recomputation keeps only
-each layer's input (2·s·b·h at 16-bit). The logits and their gradient add 2 x s·b·V fp32 values.
+each layer's input (2·s·b·h at 16-bit); `selective` is counted like `none`, since the attention scores it would
+recompute are never stored by such a kernel. The logits and their gradient add 2 x s·b·V fp32 values.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-# Dense peak TFLOP/s per device by (name fragment, precision). fp32 means true fp32 (no TF32), as torch defaults to.
+# Dense peak TFLOP/s per device by (name fragment of torch.cuda.get_device_name, precision); the H100 SXM reports
+# itself as "H100 80GB HBM3". fp32 means true fp32 (no TF32), as torch defaults to.
 PEAK_TFLOPS: dict[tuple[str, str], float] = {
     ("H200", "bf16"): 989.4, ("H200", "fp16"): 989.4, ("H200", "fp32"): 66.9,
-    ("H100 SXM", "bf16"): 989.4, ("H100 SXM", "fp16"): 989.4, ("H100 SXM", "fp32"): 66.9,
     ("H100 80GB HBM3", "bf16"): 989.4, ("H100 80GB HBM3", "fp16"): 989.4, ("H100 80GB HBM3", "fp32"): 66.9,
     ("H100 PCIe", "bf16"): 756.5, ("H100 PCIe", "fp16"): 756.5, ("H100 PCIe", "fp32"): 51.2,
     ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
@@ -82,7 +82,9 @@ class MetricsLogger:
         """Write one record to metrics.jsonl and, formatted, to the console."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        # Strict JSON: a non-finite value (an fp16 overflow step's gradient norm) is written as null.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._file.write(json.dumps(finite, allow_nan=False) + "\n")
         if not self.console:
             return
         line = format_record(record)
@@ -132,6 +134,10 @@ class Throughput:
     def add(self, tokens: int) -> None:
         """Count tokens processed."""
         self._tokens += tokens
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of non-training work (evaluation) out of the current window."""
+        self._t += seconds
 
     def read(self) -> float:
         """Tokens/s since the previous read, and restart the window."""

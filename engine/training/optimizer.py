@@ -50,16 +50,16 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     t = step - warmup
     if cfg.decay_style == "constant" or decay == 0:  # no decay phase
         return cfg.lr
-    if t >= decay:
+    if t + 1 >= decay:  # the last decay step and after: exactly min_lr
         return cfg.min_lr
     if cfg.decay_style == "wsd":  # warmup-stable-decay: hold lr, then decay linearly over the last fraction
         decay_len = max(1, round(decay * cfg.wsd_decay_fraction))
         stable = decay - decay_len
         if t < stable:
             return cfg.lr
-        frac = (t - stable) / decay_len
+        frac = (t - stable + 1) / decay_len
     else:
-        frac = t / decay
+        frac = (t + 1) / decay
     if cfg.decay_style == "cosine":
         frac = 0.5 * (1 - math.cos(math.pi * frac))
     return cfg.lr - (cfg.lr - cfg.min_lr) * frac

@@ -20,7 +20,6 @@ import engine
 from engine.config import Config
 from engine.data.builder import build_datasets
 from engine.data.sampler import BatchSampler
-from engine.data.tokenizer import load_tokenizer
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.parallel.data_parallel import GradientAllReduce
@@ -40,11 +39,6 @@ from engine.training.schedule import forward_backward_no_pipelining
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def tokenizer_vocab_size(path: str) -> int:
-    """Vocabulary size of the run's tokenizer (the model's vocabulary unless model.vocab_size is set)."""
-    return load_tokenizer(path, fast_backend=False).vocab_size
-
-
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """A context manager factory: torch.autocast for bf16/fp16 (fp32 parameters, grads, optimizer), else a no-op."""
     if precision == "fp32":
@@ -52,10 +46,14 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
     return lambda: torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def get_batch(dataset, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(dataset, indices: np.ndarray, device: torch.device, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets for the samples `indices`."""
-    tokens = torch.from_numpy(np.stack([dataset[int(i)] for i in indices]))
-    tokens = tokens.to(device, non_blocking=True)
+    tokens = np.stack([dataset[int(i)] for i in indices])
+    # Checked here, on the host: on a GPU an out-of-range id is an opaque device-side assert inside the embedding.
+    if tokens.max() >= vocab_size:
+        raise ValueError(f"token id {tokens.max()} in the training data is outside model.vocab_size={vocab_size}: "
+                         "the shards were written with another tokenizer than data.tokenizer")
+    tokens = torch.from_numpy(tokens).to(device, non_blocking=True)
     return tokens[:, :-1], tokens[:, 1:]
 
 
@@ -97,16 +95,9 @@ class Trainer:
         g = cfg.train.global_batch_size
         wanted = {"train": cfg.train.steps * g, "valid": cfg.train.eval_iters * g}
 
-        def build():
-            return build_datasets(cfg.data.prefix, cfg.data.split, cfg.train.seq_len, wanted, cfg.train.seed,
+        # Every rank asks; the index cache's file lock lets the first build while the others wait, then map.
+        datasets = build_datasets(cfg.data.prefix, cfg.data.split, cfg.train.seq_len, wanted, cfg.train.seed,
                                   cfg.data.cache_dir)
-
-        # The first rank builds (and caches) the indices; the others then only map them.
-        if state.world_size > 1 and state.rank != 0:
-            dist.barrier()
-        datasets = build()
-        if state.world_size > 1 and state.rank == 0:
-            dist.barrier()
         self.train_data, self.valid_data = datasets["train"], datasets.get("valid")
         mbs = cfg.train.micro_batch_size
         self.train_sampler = BatchSampler(len(self.train_data), g, mbs, state.dp_rank, state.dp)
@@ -115,7 +106,8 @@ class Trainer:
 
     def micro_batches(self, dataset, sampler: BatchSampler, consumed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the global batch starting at `consumed`."""
-        return [get_batch(dataset, idx, self.device) for idx in sampler.micro_batches(consumed)]
+        vocab = self.cfg.model.vocab_size
+        return [get_batch(dataset, idx, self.device, vocab) for idx in sampler.micro_batches(consumed)]
 
     # ------------------------------------------------------------------------------------------- steps
     def train_step(self) -> dict:
@@ -176,9 +168,15 @@ class Trainer:
             logger.log(record)
 
         can_eval = self.valid_data is not None
-        if can_eval:
-            emit({"step": self.step, **self.evaluate(), **self.progress()})
         throughput = Throughput()
+
+        def evaluate() -> None:
+            t0 = time.perf_counter()
+            emit({"step": self.step, **self.evaluate(), **self.progress()})
+            throughput.exclude(time.perf_counter() - t0)  # tokens/s and MFU measure training alone
+
+        if can_eval:
+            evaluate()
         profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
         while self.step < t.steps:
             with profiler.step(self.step + 1):
@@ -195,7 +193,7 @@ class Trainer:
                       "peak_memory_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_steps,
                       **self.progress()})
             if can_eval and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
-                emit({"step": self.step, **self.evaluate(), **self.progress()})
+                evaluate()
         logger.close()
         return records
 
