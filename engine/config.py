@@ -106,6 +106,11 @@ class TrainConfig:
     profile_steps: list[int] = field(default_factory=list)
     peak_tflops: float | None = None  # per device; overrides the built-in peak table for MFU
     device: str = "auto"  # auto: cuda when available, else cpu
+    save_interval: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # checkpoints kept (the newest); 0 keeps all
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if there is one; none: always fresh
+    init_from: str | None = None  # weights only (a checkpoint or a Hugging Face model directory); fresh optimizer
 
 
 @dataclass
@@ -114,6 +119,11 @@ class LoggingConfig:
 
     console: bool = True  # a line per train.log_interval steps and per evaluation
     progress_bar: bool | None = None  # None: on an interactive terminal
+    wandb: bool = False  # log the config and every metric to Weights & Biases (one rank)
+    wandb_project: str = "weft"
+    wandb_entity: str | None = None
+    wandb_mode: str = "online"  # online | offline (offline: synced later with `wandb sync`)
+    wandb_name: str | None = None  # the run's display name (default: the run directory's name)
 
 
 @dataclass
@@ -198,7 +208,8 @@ def validate(cfg: Config, world_size: int) -> None:
         ("optim.impl", o.impl, OPTIM_IMPLS), ("kernels.backend", k.backend, KERNEL_BACKENDS),
         ("kernels.attention", k.attention, ATTENTION_BACKENDS), ("parallel.backend", p.backend,
                                                                  ("auto", "nccl", "gloo")),
-        ("train.device", t.device, ("auto", "cpu", "cuda")),
+        ("train.device", t.device, ("auto", "cpu", "cuda")), ("train.resume", t.resume, ("auto", "none")),
+        ("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline")),
     ]:
         check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
     for name, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
@@ -264,6 +275,9 @@ def validate(cfg: Config, world_size: int) -> None:
         check(o.decay_steps >= 0, f"optim.decay_steps={o.decay_steps} must be >= 0")
     check(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: only at the end)")
     check(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops={t.peak_tflops} must be positive")
+    for name, value in [("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
+                        ("train.keep_every", t.keep_every)]:
+        check(value >= 0, f"{name}={value} must be >= 0")
     if errors:
         raise ConfigError(_format(errors))
 
