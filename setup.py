@@ -28,6 +28,7 @@ setup(
         "pyarrow>=15",
         "hydra-core>=1.3",
         "omegaconf>=2.3",
+        "safetensors>=0.4",
     ],
     extras_require={
         # A faster encoder for HF BPE tokenizers; used only after it reproduces HF's ids on a sample.

@@ -12,6 +12,8 @@ every problem is reported at once, and the exit code is 2.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
 import sys
 import time
@@ -31,6 +33,13 @@ from engine.data.gpt_dataset import parse_split
 from engine.data.indexed_dataset import ShardFormatError
 from engine.data.tokenizer import TokenizerError, load_tokenizer
 from engine.parallel.state import init_parallel, pick_device, shutdown, world_from_env
+from engine.training.checkpoint import (
+    CheckpointError,
+    checkpoints_dir,
+    latest_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -66,14 +75,28 @@ def dry_run(cfg: Config) -> None:
           f"{t.micro_batch_size} x accumulation {t.global_batch_size // (t.micro_batch_size * p.dp)} x dp {p.dp}")
 
 
-def prepare_run_dir(run_dir: Path, config: Config) -> None:
-    """Create the run directory (logging rank only) with the resolved config; keep an old metrics.jsonl aside."""
+def prepare_run_dir(run_dir: Path, config: Config, resume_step: int | None) -> None:
+    """Create the run directory (logging rank only), write the resolved config, and set up metrics.jsonl.
+
+    A fresh run moves an older metrics.jsonl aside. A resumed run appends to it, after moving the lines for steps
+    past the checkpoint (logged before a crash, about to be redone) to metrics.rolled_back.jsonl.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
+    if metrics.exists() and resume_step is None:
         kept = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         shutil.move(metrics, kept)
         print(f"note: {run_dir} already held metrics.jsonl; moved it to {kept.name}", file=sys.stderr)
+    elif metrics.exists():
+        lines = metrics.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if json.loads(line)["step"] <= resume_step]
+        redo = [line for line in lines if json.loads(line)["step"] > resume_step]
+        if redo:
+            with open(run_dir / "metrics.rolled_back.jsonl", "a") as f:
+                f.writelines(redo)
+            tmp = metrics.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, metrics)
     # The configuration that runs: every derived default (dp, vocabulary, FFN size, schedule lengths) filled in.
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
 
@@ -111,6 +134,11 @@ def check_environment(config: Config) -> None:
         kernels.configure(config.kernels.backend, config.kernels.attention)
     except (RuntimeError, ValueError) as e:
         errors.append(str(e))
+    if config.train.init_from:
+        try:
+            resolve_checkpoint(config.train.init_from)
+        except CheckpointError as e:
+            errors.append(f"train.init_from: {e}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -142,11 +170,21 @@ def run(cfg: DictConfig) -> None:
     state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
     run_dir = run_directory(config)
     try:
+        checkpoint = latest_checkpoint(run_dir) if config.train.resume == "auto" else None
+        resume_step = read_meta(checkpoint)["step"] if checkpoint is not None else None
         if state.is_logging_rank:
-            prepare_run_dir(run_dir, config)
+            if checkpoint is not None:
+                print(f"resuming from {checkpoint} (step {resume_step})")
+            elif config.train.resume == "auto":
+                print(f"no checkpoint in {checkpoints_dir(run_dir)}: starting fresh")
+            prepare_run_dir(run_dir, config, resume_step)
         if world > 1:
             dist.barrier()
         trainer = Trainer(config, state, run_dir)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        elif config.train.init_from:
+            trainer.init_weights_from(config.train.init_from)
         if state.is_logging_rank:
             write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
         trainer.fit()
@@ -170,6 +208,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

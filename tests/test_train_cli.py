@@ -39,11 +39,12 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def test_run_directory_contents(tmp_path, shard):
-    """One run writes config.yaml, run_info.json and metrics.jsonl into train.run_dir, and nothing else there."""
+    """One run writes config.yaml, run_info.json, metrics.jsonl and its final checkpoint, and nothing else."""
     run = tmp_path / "run"
     r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={run}"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "run_info.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "run_info.json"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     info = json.loads((run / "run_info.json").read_text())
     assert info["world_size"] == 1 and (info["tp"], info["pp"], info["dp"]) == (1, 1, 1)
     assert info["parameters"] == info["parameters_rank0"] > 0 and info["versions"]["torch"]
@@ -105,3 +106,22 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, shard):
                                rtol=1e-5)
     assert r2.stdout.count("step      2 |") == 1  # one logging rank
     assert json.loads((tmp_path / "two" / "run_info.json").read_text())["dp"] == 2
+
+
+def test_resume_appends_and_rolls_back_redone_steps(tmp_path, shard):
+    """train.resume=auto continues from `latest`; metrics.jsonl keeps one line per step, the lines of steps
+    redone after the checkpoint moved to metrics.rolled_back.jsonl, nothing lost."""
+    run = tmp_path / "run"
+    args = [*TINY, f"data.prefix={shard}", f"train.run_dir={run}", "train.log_interval=1", "train.eval_interval=0"]
+    r = train([*args, "train.steps=4", "optim.warmup_steps=1", "optim.decay_steps=10"], tmp_path)
+    assert r.returncode == 0 and "no checkpoint" in r.stdout, r.stderr
+    # Pretend the first run went on to log steps 5 and 6 before dying without a checkpoint.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n" + json.dumps({"step": 6, "loss": 0.0}) + "\n")
+    r = train([*args, "train.steps=8", "optim.warmup_steps=1", "optim.decay_steps=10"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {run / 'checkpoints' / 'step_00000004'} (step 4)" in r.stdout
+    steps = [m["step"] for m in metrics(run) if "loss" in m]
+    assert steps == list(range(1, 9))
+    assert [json.loads(x)["step"] for x in (run / "metrics.rolled_back.jsonl").read_text().splitlines()] == [5, 6]
+

@@ -24,6 +24,7 @@ from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.parallel.data_parallel import GradientAllReduce
 from engine.parallel.state import ParallelState
+from engine.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint, save_checkpoint
 from engine.training.metrics import (
     MetricsLogger,
     Throughput,
@@ -87,6 +88,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
+        self.wandb_run_id: str | None = None
         self._build_data()
 
     # ------------------------------------------------------------------------------------------- data
@@ -175,7 +177,7 @@ class Trainer:
             emit({"step": self.step, **self.evaluate(), **self.progress()})
             throughput.exclude(time.perf_counter() - t0)  # tokens/s and MFU measure training alone
 
-        if can_eval:
+        if can_eval and self.step == 0:  # a resumed run evaluated at its checkpoint already
             evaluate()
         profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
         while self.step < t.steps:
@@ -194,8 +196,41 @@ class Trainer:
                       **self.progress()})
             if can_eval and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
                 evaluate()
+            if (t.save_interval and self.step % t.save_interval == 0) or last:
+                t0 = time.perf_counter()
+                self.save()
+                throughput.exclude(time.perf_counter() - t0)
         logger.close()
         return records
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Checkpoint the current step (every rank calls this)."""
+        t = self.cfg.train
+        meta = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "wandb_run_id": self.wandb_run_id, "config": asdict(self.cfg)}
+        return save_checkpoint(self.run_dir, self.step, self.state, self.model, self.optimizer, meta, t.keep_last,
+                               t.keep_every)
+
+    def resume(self, path: Path) -> dict:
+        """Continue exactly where the checkpoint at `path` stopped: weights, optimizer, RNG, data position."""
+        meta = load_checkpoint(path, self.state, self.model, self.optimizer)
+        self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
+        self.skipped_steps, self.wandb_run_id = meta["skipped_steps"], meta.get("wandb_run_id")
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        saved = meta["config"]["optim"]
+        now = (self.cfg.optim.warmup_steps, self.cfg.optim.decay_steps)
+        if (saved["warmup_steps"], saved["decay_steps"]) != now and self.state.is_logging_rank:
+            print(f"warning: the learning-rate schedule changed on resume (warmup/decay steps {saved['warmup_steps']}/"
+                  f"{saved['decay_steps']} -> {now[0]}/{now[1]}); set optim.warmup_steps and optim.decay_steps to "
+                  "keep it", file=sys.stderr)
+        return meta
+
+    def init_weights_from(self, path: str | os.PathLike) -> None:
+        """Start from a checkpoint's weights only (continued pretraining): fresh optimizer and data state."""
+        load_model_weights(resolve_checkpoint(path), self.model)
 
     def progress(self) -> dict:
         """Where the run is in the sample stream."""

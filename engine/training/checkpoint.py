@@ -1,0 +1,258 @@
+"""Checkpoints: sharded, atomic, resumable, and safe to load whatever their origin.
+
+Layout under `run_dir/checkpoints/`:
+
+    latest                                  the newest complete step directory's name (replaced atomically)
+    step_00000100/
+        meta.json                           step, samples consumed, optimizer hyper-parameters, loss scaler, W&B
+                                            run id, the resolved config, and every file's size (written last)
+        model-pp00-tp00.safetensors         parameters of one (pipeline stage, tensor rank)
+        optimizer-pp00-tp00.safetensors     AdamW moments and step counts of the same parameters, by name
+        rng-rank00000.safetensors           each rank's torch generator states (CPU and CUDA)
+
+A step is written into `.tmp-step_...` by every rank, then renamed when whole; `latest` changes last, so a crash
+mid-save leaves the previous checkpoint and `latest` as they were. Tensors go through safetensors and everything
+else through JSON: loading never unpickles anything. Data-parallel replicas hold the same model and optimizer,
+so only data-parallel rank 0 writes those, and a run may resume with another data-parallel size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from engine.parallel.state import ParallelState
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, truncated or does not fit the model."""
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    """`step_00000100` for step 100."""
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The step directory `latest` names, or None when the run has no checkpoint yet."""
+    pointer = checkpoints_dir(run_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A step directory as given, or a run directory's (or its checkpoints directory's) latest checkpoint."""
+    p = Path(path)
+    if (p / "meta.json").exists():
+        return p
+    for run_dir in (p, p.parent):
+        if (checkpoints_dir(run_dir) / "latest").exists():
+            latest = latest_checkpoint(run_dir)
+            if latest is not None:
+                return latest
+    raise CheckpointError(f"{p}: not a checkpoint (no meta.json) and no checkpoints/latest under it")
+
+
+def _shard_tag(state: ParallelState) -> str:
+    c = state.coords()
+    return f"pp{c.pp:02d}-tp{c.tp:02d}"
+
+
+def _barrier(state: ParallelState) -> None:
+    if state.world_size > 1:
+        dist.barrier()
+
+
+def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    """Parameter id -> name, tied parameters under their first name."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
+    """The optimizer's state as `{param_name.key: tensor}` and its groups' hyper-parameters with parameter names."""
+    names = _param_names(model)
+    tensors, groups = {}, []
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+    return tensors, groups
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    state: ParallelState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict,
+    keep_last: int = 2,
+    keep_every: int = 0,
+    fail_after_files: Callable[[], None] | None = None,
+) -> Path:
+    """Write step `step` (every rank calls this); returns the published step directory."""
+    root = checkpoints_dir(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if state.rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a crashed earlier attempt at this step
+        tmp.mkdir(parents=True)
+    _barrier(state)
+    tag = _shard_tag(state)
+    if state.dp_rank == 0:
+        save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()},
+                  tmp / f"model-{tag}.safetensors")
+        tensors, groups = _optimizer_tensors(model, optimizer)
+        save_file(tensors, tmp / f"optimizer-{tag}.safetensors")
+        if state.rank == 0:
+            meta = {**meta, "optimizer_groups": groups}
+    save_file(_rng_tensors(), tmp / f"rng-rank{state.rank:05d}.safetensors")
+    if fail_after_files is not None:
+        fail_after_files()  # tests: a crash in the middle of a save
+    _barrier(state)
+    if state.rank == 0:
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        full = {"format": FORMAT_VERSION, "step": step, "world_size": state.world_size,
+                "tp": state.tp, "pp": state.pp, "dp": state.dp, "files": files, **meta}
+        (tmp / "meta.json").write_text(json.dumps(full, indent=1, sort_keys=True))
+        if final.exists():  # re-saving a step (a resumed run reaching it again)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        prune(root, keep_last, keep_every)
+    _barrier(state)
+    return final
+
+
+def prune(root: Path, keep_last: int, keep_every: int) -> None:
+    """Delete step directories beyond the newest `keep_last`, except multiples of `keep_every` and `latest`."""
+    steps = sorted(int(m.group(1)) for d in root.iterdir() if (m := STEP_DIR.match(d.name)))
+    latest = (root / "latest").read_text().strip()
+    keep = set(steps[-keep_last:]) if keep_last > 0 else set(steps)
+    if keep_every > 0:
+        keep |= {s for s in steps if s % keep_every == 0}
+    for s in steps:
+        if s not in keep and step_dir_name(s) != latest:
+            shutil.rmtree(root / step_dir_name(s))
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of a step directory, with every listed file checked present and of its recorded size."""
+    meta_file = path / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_file}: missing; {path} is not a complete checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_file}: checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
+    for name, size in meta["files"].items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, but {size} were written; the file is truncated "
+                                  "or was replaced")
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+
+
+def load_model_weights(path: Path, model: torch.nn.Module, tag: str = "pp00-tp00") -> None:
+    """Copy a checkpoint's parameters into `model`, checking every name and shape."""
+    tensors = _load_tensors(path / f"model-{tag}.safetensors")
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: parameters do not match the model (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}); is the model configuration the one the checkpoint was saved with?")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)} in the checkpoint but "
+                                      f"{tuple(p.shape)} in the model")
+            p.copy_(tensors[name])
+
+
+def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG from step directory `path`; returns its metadata."""
+    meta = read_meta(path)
+    if (meta["tp"], meta["pp"]) != (state.tp, state.pp):
+        raise CheckpointError(f"{path}: saved with tp={meta['tp']}, pp={meta['pp']}; this run has tp={state.tp}, "
+                              f"pp={state.pp} (resharding is not supported yet)")
+    tag = _shard_tag(state)
+    load_model_weights(path, model, tag)
+    _load_optimizer(path / f"optimizer-{tag}.safetensors", meta["optimizer_groups"], model, optimizer)
+    rng = path / f"rng-rank{state.rank:05d}.safetensors"
+    if rng.exists():
+        rng_state = _load_tensors(rng)
+        torch.set_rng_state(rng_state["cpu"])
+        if "cuda" in rng_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(rng_state["cuda"]))
+    else:  # a different world size: this rank had no predecessor
+        print(f"warning: {rng.name} not in the checkpoint (world size changed); this rank's random state starts "
+              "fresh", file=sys.stderr)
+    return meta
+
+
+def _load_optimizer(path: Path, groups: list[dict], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    tensors = _load_tensors(path)
+    names = _param_names(model)
+    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if current != [g["params"] for g in groups]:
+        raise CheckpointError(f"{path}: the optimizer's parameter groups differ from the checkpoint's")
+    state_dict = {"state": {}, "param_groups": []}
+    index = 0
+    for group in groups:
+        ids = []
+        for name in group["params"]:
+            entry = {key.removeprefix(f"{name}."): t for key, t in tensors.items()
+                     if key.rsplit(".", 1)[0] == name}
+            if entry:
+                state_dict["state"][index] = entry
+            ids.append(index)
+            index += 1
+        hyper = {k: tuple(v) if k == "betas" else v for k, v in group.items() if k != "params"}
+        state_dict["param_groups"].append({**hyper, "params": ids})
+    optimizer.load_state_dict(state_dict)
