@@ -33,8 +33,10 @@ setup(
     extras_require={
         # A faster encoder for HF BPE tokenizers; used only after it reproduces HF's ids on a sample.
         "fast": ["gigatoken>=0.10", "awkward>=2"],
+        "wandb": ["wandb>=0.31"],
         # transformers: our GPT-2 and Llama forward passes are tested against its models (nothing downloaded).
-        "test": ["pytest>=8", "ruff>=0.6", "gigatoken>=0.10", "awkward>=2", "transformers>=4.45"],
+        "test": ["pytest>=8", "ruff>=0.6", "gigatoken>=0.10", "awkward>=2", "transformers>=4.45",
+                 "wandb>=0.31"],
     },
     entry_points={
         "console_scripts": [

@@ -134,6 +134,8 @@ def check_environment(config: Config) -> None:
         kernels.configure(config.kernels.backend, config.kernels.attention)
     except (RuntimeError, ValueError) as e:
         errors.append(str(e))
+    if config.logging.wandb and importlib.util.find_spec("wandb") is None:
+        errors.append("logging.wandb=true but wandb is not installed: pip install wandb, or set logging.wandb=false")
     if config.train.init_from:
         try:
             resolve_checkpoint(config.train.init_from)

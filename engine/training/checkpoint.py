@@ -7,6 +7,7 @@ Layout under `run_dir/checkpoints/`:
         meta.json                           step, samples consumed, optimizer hyper-parameters, loss scaler, W&B
                                             run id, the resolved config, and every file's size (written last)
         model-pp00-tp00.safetensors         parameters of one (pipeline stage, tensor rank)
+        tokenizer.json                      the run's tokenizer (absent for the built-in byte tokenizer)
         optimizer-pp00-tp00.safetensors     AdamW moments and step counts of the same parameters, by name
         rng-rank00000.safetensors           each rank's torch generator states (CPU and CUDA)
 
@@ -119,9 +120,14 @@ def save_checkpoint(
     meta: dict,
     keep_last: int = 2,
     keep_every: int = 0,
+    tokenizer_file: str | os.PathLike | None = None,
     fail_after_files: Callable[[], None] | None = None,
 ) -> Path:
-    """Write step `step` (every rank calls this); returns the published step directory."""
+    """Write step `step` (every rank calls this); returns the published step directory.
+
+    `tokenizer_file`, a Hugging Face tokenizer.json, is copied in as `tokenizer.json` so generation and export need
+    nothing but the checkpoint; `meta` says which tokenizer to use (`"tokenizer": "byte"` or `"tokenizer.json"`).
+    """
     root = checkpoints_dir(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
@@ -139,6 +145,8 @@ def save_checkpoint(
         if state.rank == 0:
             meta = {**meta, "optimizer_groups": groups}
     save_file(_rng_tensors(), tmp / f"rng-rank{state.rank:05d}.safetensors")
+    if state.rank == 0 and tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
     if fail_after_files is not None:
         fail_after_files()  # tests: a crash in the middle of a save
     _barrier(state)

@@ -20,6 +20,7 @@ import engine
 from engine.config import Config
 from engine.data.builder import build_datasets
 from engine.data.sampler import BatchSampler
+from engine.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.parallel.data_parallel import GradientAllReduce
@@ -89,6 +90,7 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.wandb_run_id: str | None = None
+        self._tokenizer = None  # loaded at the first save
         self._build_data()
 
     # ------------------------------------------------------------------------------------------- data
@@ -158,16 +160,17 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train for `train.steps` steps with evaluation and logging; returns every metrics record written."""
         t = self.cfg.train
-        tokens_per_step = t.global_batch_size * t.seq_len
-        world = self.state.world_size
         lg = self.cfg.logging
         logger = MetricsLogger(self.run_dir, self.state.is_logging_rank, t.steps, self.step, lg.progress_bar,
                                self.peak, f"{device_name(self.device)}, {t.precision}", lg.console)
         records: list[dict] = []
+        wandb = self._start_wandb()
 
         def emit(record: dict) -> None:
             records.append(record)
             logger.log(record)
+            if wandb is not None:
+                wandb.log(record)
 
         can_eval = self.valid_data is not None
         throughput = Throughput()
@@ -177,6 +180,20 @@ class Trainer:
             emit({"step": self.step, **self.evaluate(), **self.progress()})
             throughput.exclude(time.perf_counter() - t0)  # tokens/s and MFU measure training alone
 
+        ok = False
+        try:
+            self._train_loop(t, emit, logger, throughput, evaluate, can_eval)
+            ok = True
+        finally:
+            logger.close()
+            if wandb is not None:
+                wandb.finish(0 if ok else 1)
+        return records
+
+    def _train_loop(self, t, emit, logger, throughput, evaluate, can_eval) -> None:
+        """The step loop: train, log, evaluate, checkpoint."""
+        tokens_per_step = t.global_batch_size * t.seq_len
+        world = self.state.world_size
         if can_eval and self.step == 0:  # a resumed run evaluated at its checkpoint already
             evaluate()
         profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
@@ -200,18 +217,38 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.save()
                 throughput.exclude(time.perf_counter() - t0)
-        logger.close()
-        return records
+
+    def _start_wandb(self):
+        """The W&B run on the logging rank (same id across resumes), its id shared with every rank for checkpoints."""
+        lg = self.cfg.logging
+        if not lg.wandb:
+            return None
+        run = None
+        if self.state.is_logging_rank:
+            from engine.training.wandb_logger import WandbRun
+
+            run = WandbRun.start(lg, self.run_dir, asdict(self.cfg), self.wandb_run_id)
+            self.wandb_run_id = run.run_id
+        if self.state.world_size > 1:  # rank 0 writes checkpoint metadata; the logging rank may be another
+            box = [self.wandb_run_id]
+            dist.broadcast_object_list(box, src=self.state.logging_rank)
+            self.wandb_run_id = box[0]
+        return run
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         """Checkpoint the current step (every rank calls this)."""
         t = self.cfg.train
+        tokenizer = load_tokenizer(self.cfg.data.tokenizer, fast_backend=False) if self._tokenizer is None \
+            else self._tokenizer
+        self._tokenizer = tokenizer
+        is_byte = tokenizer.name == BYTE_TOKENIZER
         meta = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "wandb_run_id": self.wandb_run_id, "config": asdict(self.cfg)}
+                "wandb_run_id": self.wandb_run_id, "config": asdict(self.cfg),
+                "tokenizer": BYTE_TOKENIZER if is_byte else "tokenizer.json", "eod_id": tokenizer.eod_id}
         return save_checkpoint(self.run_dir, self.step, self.state, self.model, self.optimizer, meta, t.keep_last,
-                               t.keep_every)
+                               t.keep_every, None if is_byte else tokenizer.path)
 
     def resume(self, path: Path) -> dict:
         """Continue exactly where the checkpoint at `path` stopped: weights, optimizer, RNG, data position."""
