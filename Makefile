@@ -56,6 +56,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench
 	$(PY) tools/bench_train.py
+	$(PY) tools/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV) runs
