@@ -49,9 +49,12 @@ demo: $(STAMP)
 	$(PY) tools/inspect_shards.py $(RUN)/shards/stdlib --tokenizer $(RUN)/tokenizer --verify --entropy
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(RANKS) -m engine.train \
 		train=demo optim=adamw_small parallel.dp=$(RANKS) data.prefix=$(RUN)/shards/stdlib data.tokenizer=$(RUN)/tokenizer \
-		train.run_dir=$(RUN)/train $(ARGS)
-	@echo "demo done: shards in $(RUN)/shards, run in $(RUN)/train (metrics.jsonl, run_info.json, config.yaml);"
-	@echo "compare the final val_loss with the unigram entropy printed above"
+		train.run_dir=$(RUN)/train train.resume=none logging.wandb=true logging.wandb_mode=offline $(ARGS)
+	@echo "demo done: compare the final val_loss with the unigram entropy printed above"
+	@echo "  shards:      $(RUN)/shards"
+	@echo "  run:         $(RUN)/train (metrics.jsonl, run_info.json, config.yaml)"
+	@echo "  checkpoints: $(RUN)/train/checkpoints (latest: $$(cat $(RUN)/train/checkpoints/latest))"
+	@echo "  W&B offline: $$(ls -d $(RUN)/train/wandb/offline-run-* | tail -1) (upload: wandb sync <dir>)"
 
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench
