@@ -36,6 +36,7 @@ from engine.parallel.state import init_parallel, pick_device, shutdown, world_fr
 from engine.training.checkpoint import (
     CheckpointError,
     checkpoints_dir,
+    is_hf_model_dir,
     latest_checkpoint,
     read_meta,
     resolve_checkpoint,
@@ -136,11 +137,11 @@ def check_environment(config: Config) -> None:
         errors.append(str(e))
     if config.logging.wandb and importlib.util.find_spec("wandb") is None:
         errors.append("logging.wandb=true but wandb is not installed: pip install wandb, or set logging.wandb=false")
-    if config.train.init_from:
+    if config.train.init_from and not is_hf_model_dir(config.train.init_from):
         try:
             resolve_checkpoint(config.train.init_from)
         except CheckpointError as e:
-            errors.append(f"train.init_from: {e}")
+            errors.append(f"train.init_from: {e} (or give a Hugging Face model directory)")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

@@ -28,55 +28,14 @@ def randomised(model: GPT) -> GPT:
     return model
 
 
-def gpt2_into_hf(model: GPT):
-    """transformers' GPT2LMHeadModel holding our weights (its Conv1D stores (in, out): our Linear transposed)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def into_hf(model: GPT):
+    """transformers' GPT2LMHeadModel or LlamaForCausalLM holding our weights, mapped by engine.model.hf."""
+    from transformers import AutoModelForCausalLM
 
-    cfg = model.cfg
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
-        n_head=cfg.num_heads, n_inner=cfg.ffn_hidden_size, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
-    state = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
-             "transformer.ln_f.weight": model.norm.weight, "transformer.ln_f.bias": model.norm.bias,
-             "lm_head.weight": model.head.weight}
-    for i, block in enumerate(model.blocks):
-        a, m, p = block.attn, block.mlp, f"transformer.h.{i}."
-        state |= {
-            p + "ln_1.weight": block.attn_norm.weight, p + "ln_1.bias": block.attn_norm.bias,
-            p + "attn.c_attn.weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T,
-            p + "attn.c_attn.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
-            p + "attn.c_proj.weight": a.o_proj.weight.T, p + "attn.c_proj.bias": a.o_proj.bias,
-            p + "ln_2.weight": block.mlp_norm.weight, p + "ln_2.bias": block.mlp_norm.bias,
-            p + "mlp.c_fc.weight": m.up_proj.weight.T, p + "mlp.c_fc.bias": m.up_proj.bias,
-            p + "mlp.c_proj.weight": m.down_proj.weight.T, p + "mlp.c_proj.bias": m.down_proj.bias,
-        }
-    hf.load_state_dict(state, strict=True)
-    return hf.eval()
+    from engine.model.hf import to_hf
 
-
-def llama_into_hf(model: GPT):
-    """transformers' LlamaForCausalLM holding our weights (same (out, in) Linear layout, same names)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = model.cfg
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, attention_bias=False, mlp_bias=False,
-        tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_seq_len,
-        attn_implementation="eager"))
-    state = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm.weight,
-             "lm_head.weight": model.head.weight}
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        state |= {p + "input_layernorm.weight": block.attn_norm.weight,
-                  p + "post_attention_layernorm.weight": block.mlp_norm.weight}
-        state |= {p + f"self_attn.{name}.weight": getattr(block.attn, name).weight
-                  for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        state |= {p + f"mlp.{name}.weight": getattr(block.mlp, name).weight
-                  for name in ("gate_proj", "up_proj", "down_proj")}
+    config, state = to_hf(model.cfg, model.state_dict(), eod_id=0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     hf.load_state_dict(state, strict=True)
     return hf.eval()
 
@@ -96,7 +55,7 @@ def test_gpt2_matches_transformers():
     torch.manual_seed(0)
     model = randomised(GPT(model_cfg("gpt2", norm_eps=1e-5))).eval()
     assert model.head.weight is model.tok_emb.weight
-    assert_matches_hf(model, gpt2_into_hf(model))
+    assert_matches_hf(model, into_hf(model))
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -105,7 +64,7 @@ def test_llama_matches_transformers(tie):
     cfg = model_cfg("llama", num_kv_heads=2, rope_theta=500000.0, norm_eps=1e-6, tie_embeddings=tie)
     model = randomised(GPT(cfg)).eval()
     assert (model.head.weight is model.tok_emb.weight) == tie
-    assert_matches_hf(model, llama_into_hf(model))
+    assert_matches_hf(model, into_hf(model))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from engine.config import ModelConfig
-from engine.model.attention import Attention
+from engine.model.attention import Attention, KVCache
 from engine.model.mlp import MLP
 
 
@@ -57,9 +57,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """x (batch, seq, hidden) -> (batch, seq, hidden)."""
-        x = x + self.drop(self.attn(self.attn_norm(x), rope))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (batch, seq, hidden) -> (batch, seq, hidden); `cache` holds this layer's earlier keys and values."""
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -92,19 +93,30 @@ class GPT(nn.Module):
             for proj in (block.attn.o_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers))
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (batch, seq) -> fp32 logits (batch, seq, vocab), or the mean cross-entropy against `targets`."""
-        seq_len = tokens.size(1)
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        """tokens (batch, seq) -> fp32 logits (batch, seq, vocab), or the mean cross-entropy against `targets`.
+
+        With `cache` (from `kv_cache`, inference only) the tokens continue the cached ones, at the positions after
+        them: a whole prompt into empty caches, then one token at a time.
+        """
+        start = cache[0].length if cache is not None else 0
+        end = start + tokens.size(1)
+        if self.pos_emb is not None and end > self.cfg.max_seq_len:
+            raise ValueError(f"{end} positions exceed model.max_seq_len={self.cfg.max_seq_len} (learned positions)")
         x = self.tok_emb(tokens)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(seq_len, device=tokens.device))
+            x = x + self.pos_emb(torch.arange(start, end, device=tokens.device))
         x = self.drop(x)
         rope = None
         if self.cfg.arch == "llama":
-            rope = kernels.rope_cache(seq_len, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta,
-                                      tokens.device)
-        for block in self.blocks:
-            if self.cfg.recompute == "full":
+            cos, sin = kernels.rope_cache(end, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta,
+                                          tokens.device)
+            rope = (cos[start:], sin[start:])
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, rope, cache[i])
+            elif self.cfg.recompute == "full":
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
@@ -112,6 +124,13 @@ class GPT(nn.Module):
         if targets is None:
             return logits.float()
         return kernels.cross_entropy(logits, targets)
+
+    def kv_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """Empty key/value caches, one per layer, for `forward(..., cache=...)` over up to `max_len` tokens."""
+        weight = self.tok_emb.weight
+        head_dim = self.cfg.hidden_size // self.cfg.num_heads
+        return [KVCache(batch, max_len, self.cfg.num_kv_heads, head_dim, weight.device, weight.dtype)
+                for _ in self.blocks]
 
     def num_parameters(self) -> int:
         """Number of unique parameters (a tied embedding/head counted once)."""

@@ -208,18 +208,28 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model_weights(path: Path, model: torch.nn.Module, tag: str = "pp00-tp00") -> None:
     """Copy a checkpoint's parameters into `model`, checking every name and shape."""
-    tensors = _load_tensors(path / f"model-{tag}.safetensors")
+    copy_weights(model, _load_tensors(path / f"model-{tag}.safetensors"), str(path))
+
+
+def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` (by our parameter names) into `model`; every name and shape must match."""
     params = dict(model.named_parameters())
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: parameters do not match the model (missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}); is the model configuration the one the checkpoint was saved with?")
+        raise CheckpointError(f"{source}: parameters do not match the model (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}); is the model configuration the one the weights were saved with?")
     with torch.no_grad():
         for name, p in params.items():
             if tensors[name].shape != p.shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)} in the checkpoint but "
+                raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)} there but "
                                       f"{tuple(p.shape)} in the model")
             p.copy_(tensors[name])
+
+
+def is_hf_model_dir(path: str | os.PathLike) -> bool:
+    """A transformers model directory (config.json, no meta.json of ours)."""
+    p = Path(path)
+    return (p / "config.json").exists() and not (p / "meta.json").exists()
 
 
 def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,

@@ -25,7 +25,14 @@ from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.parallel.data_parallel import GradientAllReduce
 from engine.parallel.state import ParallelState
-from engine.training.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint, save_checkpoint
+from engine.training.checkpoint import (
+    copy_weights,
+    is_hf_model_dir,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from engine.training.metrics import (
     MetricsLogger,
     Throughput,
@@ -266,8 +273,14 @@ class Trainer:
         return meta
 
     def init_weights_from(self, path: str | os.PathLike) -> None:
-        """Start from a checkpoint's weights only (continued pretraining): fresh optimizer and data state."""
-        load_model_weights(resolve_checkpoint(path), self.model)
+        """Start from the weights of a checkpoint or a Hugging Face model only: fresh optimizer and data state."""
+        if is_hf_model_dir(path):
+            from engine.model.hf import from_hf  # imports transformers: only when asked for
+
+            _, tensors = from_hf(path)
+            copy_weights(self.model, tensors, str(path))
+        else:
+            load_model_weights(resolve_checkpoint(path), self.model)
 
     def progress(self) -> dict:
         """Where the run is in the sample stream."""

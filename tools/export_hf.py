@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""Write a checkpoint as a Hugging Face transformers model. Run with --help; the logic lives in engine.model.hf."""
+
+import sys
+from pathlib import Path
+
+# Runnable by path from any directory, installed or not.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.model.hf import export_main
+
+if __name__ == "__main__":
+    sys.exit(export_main())
