@@ -50,6 +50,9 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(RANKS) -m engine.train \
 		train=demo optim=adamw_small parallel.dp=$(RANKS) data.prefix=$(RUN)/shards/stdlib data.tokenizer=$(RUN)/tokenizer \
 		train.run_dir=$(RUN)/train train.resume=none logging.wandb=true logging.wandb_mode=offline $(ARGS)
+	@echo "a sample from the trained model (tools/generate.py, KV-cached):"
+	$(PY) tools/generate.py --checkpoint $(RUN)/train --prompt "def " --max-new-tokens 120 --temperature 0.8 --top-k 40
+	@echo
 	@echo "demo done: compare the final val_loss with the unigram entropy printed above"
 	@echo "  shards:      $(RUN)/shards"
 	@echo "  run:         $(RUN)/train (metrics.jsonl, run_info.json, config.yaml)"
