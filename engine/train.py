@@ -117,6 +117,10 @@ def check_environment(config: Config) -> None:
     """What the configuration names must exist: the shards, the device, optional packages. Raises ConfigError."""
     errors = []
     try:
+        load_tokenizer(config.data.tokenizer, fast_backend=False)
+    except TokenizerError as e:
+        errors.append(f"data.tokenizer: {e}")
+    try:
         parse_split(config.data.split)
         for _, prefix in parse_prefix(config.data.prefix):
             open_shard(prefix)

@@ -40,7 +40,7 @@ def tiny_config(shard: str, cache: str, arch: str = "gpt2", global_batch: int = 
     cfg.model.hidden_size, cfg.model.num_heads, cfg.model.vocab_size, cfg.model.max_seq_len = 32, 4, 257, 64
     if arch == "llama":
         cfg.model.num_kv_heads = 2
-    cfg.data.prefix, cfg.data.split, cfg.data.cache_dir = shard, "90,10,0", cache
+    cfg.data.prefix, cfg.data.split, cfg.data.cache_dir, cfg.data.tokenizer = shard, "90,10,0", cache, "byte"
     cfg.train.steps, cfg.train.seq_len, cfg.train.global_batch_size = STEPS, 32, global_batch
     cfg.train.micro_batch_size, cfg.train.precision, cfg.train.eval_iters = micro, precision, 1
     cfg.train.eval_interval, cfg.train.log_interval = 5, 1

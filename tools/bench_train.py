@@ -142,6 +142,7 @@ def main() -> int:
         cfg.model.hidden_size, cfg.model.num_heads, cfg.model.vocab_size = h, heads, args.vocab
         cfg.model.max_seq_len = args.seq_len
         cfg.data.prefix, cfg.data.split, cfg.data.cache_dir = f"{tmp}/shard", "99,1,0", f"{tmp}/cache"
+        cfg.data.tokenizer = "byte"  # only checkpoints read it; none are written here
         cfg.train.steps = args.warmup + args.steps
         cfg.train.seq_len, cfg.train.micro_batch_size = args.seq_len, args.batch
         cfg.train.global_batch_size, cfg.train.precision = args.batch, args.precision

@@ -97,7 +97,7 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.wandb_run_id: str | None = None
-        self._tokenizer = None  # loaded at the first save
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, fast_backend=False)  # checkpoints carry it
         self._build_data()
 
     # ------------------------------------------------------------------------------------------- data
@@ -246,9 +246,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the current step (every rank calls this)."""
         t = self.cfg.train
-        tokenizer = load_tokenizer(self.cfg.data.tokenizer, fast_backend=False) if self._tokenizer is None \
-            else self._tokenizer
-        self._tokenizer = tokenizer
+        tokenizer = self.tokenizer
         is_byte = tokenizer.name == BYTE_TOKENIZER
         meta = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
