@@ -35,8 +35,10 @@ setup(
         "fast": ["gigatoken>=0.10", "awkward>=2"],
         "wandb": ["wandb>=0.31"],
         # transformers: our GPT-2 and Llama forward passes are tested against its models (nothing downloaded).
-        "test": ["pytest>=8", "ruff>=0.6", "gigatoken>=0.10", "awkward>=2", "transformers>=4.45",
-                 "wandb>=0.31"],
+        # triton: the kernels' tests run it through its CPU interpreter (Linux wheels only; skipped elsewhere).
+        "test": ["pytest>=8", "ruff>=0.6", "gigatoken>=0.10", "awkward>=2", "transformers>=5", "wandb>=0.31",
+                 "triton>=3.6; platform_system == 'Linux'"],
+        "hf": ["transformers>=5"],
     },
     entry_points={
         "console_scripts": [

@@ -19,7 +19,10 @@ def rope_cache(seq_len: int, head_dim: int, theta: float, device: torch.device |
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Rotate x (batch, seq, heads, head_dim) by the angles in cos/sin (seq, head_dim); computed in fp32."""
-    resolve_backend(backend)  # the PyTorch reference is the only implementation in this build
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels import triton_rope  # lazily: plain-PyTorch runs never import Triton
+
+        return triton_rope.apply_rotary(x, cos, sin)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)

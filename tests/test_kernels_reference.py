@@ -125,16 +125,31 @@ def test_configure_accepts_available_backends(backend, attention):
                                atol=1e-5)
 
 
-def test_triton_backend_names_the_key():
-    with pytest.raises(RuntimeError, match=r"kernels\.backend='triton'.*not available in this build"):
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A process without CUDA and without Triton's CPU interpreter: the Triton kernels cannot run."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_triton_backend_names_the_key_and_the_fix(no_gpu):
+    with pytest.raises(RuntimeError, match=r"kernels\.backend='triton': no CUDA device.*TRITON_INTERPRET=1"):
         kernels.configure(backend="triton")
-    with pytest.raises(RuntimeError, match=r"kernels\.backend='triton'"):
+    with pytest.raises(RuntimeError, match=r"kernels\.backend='triton': tensors on cpu.*TRITON_INTERPRET=1"):
         kernels.rms_norm(torch.randn(2, 4), torch.ones(4), 1e-5, backend="triton")
-    with pytest.raises(RuntimeError, match=r"kernels\.attention='triton'.*not available in this build"):
+    with pytest.raises(RuntimeError, match=r"kernels\.attention='triton': no CUDA device.*TRITON_INTERPRET=1"):
         kernels.configure(attention="triton")
 
 
-def test_failed_configure_keeps_previous_defaults():
+def test_triton_not_importable_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    with pytest.raises(RuntimeError, match=r"kernels\.backend='triton': triton does not import.*pip install triton"):
+        kernels.configure(backend="triton")
+    with pytest.raises(RuntimeError, match=r"kernels\.attention='triton': triton does not import"):
+        kernels.configure(attention="triton")
+
+
+def test_failed_configure_keeps_previous_defaults(no_gpu):
     kernels.configure(backend="torch", attention="sdpa")
     with pytest.raises(RuntimeError):
         kernels.configure(backend="torch", attention="triton")
@@ -151,10 +166,13 @@ def test_flash_attn_missing_says_not_installed(monkeypatch):
         kernels.attention(q, q, q, backend="flash_attn")
 
 
-def test_flash_attn_installed_is_still_unavailable(monkeypatch):
+def test_flash_attn_installed_needs_cuda(monkeypatch, no_gpu):
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-    with pytest.raises(RuntimeError, match=r"kernels\.attention='flash_attn'.*not available in this build"):
+    with pytest.raises(RuntimeError, match=r"kernels\.attention='flash_attn' runs on CUDA only"):
         kernels.configure(attention="flash_attn")
+    q = torch.randn(1, 3, 2, 4)
+    with pytest.raises(RuntimeError, match=r"kernels\.attention='flash_attn' runs on CUDA only"):
+        kernels.attention(q, q, q, backend="flash_attn")
 
 
 def test_unknown_backend_lists_choices():
