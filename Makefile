@@ -19,7 +19,7 @@ help:
 	@echo "make demo       built-in corpus -> tokenizer -> shards -> a small GPT trained by $(RANKS) CPU ranks, in $(RUN)/"
 	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
 	@echo "make test-slow  the full matrices and long fault trials"
-	@echo "make bench      data-pipeline and training-step benchmarks"
+	@echo "make bench      data pipeline, training step, checkpoint and (on CUDA) kernel benchmarks"
 	@echo "make clean      remove $(VENV) and runs/"
 
 $(STAMP): setup.py constraints.txt
@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench
 	$(PY) tools/bench_train.py
 	$(PY) tools/bench_checkpoint.py
+	$(PY) tools/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) runs
