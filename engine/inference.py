@@ -37,7 +37,9 @@ def checkpoint_tokenizer(step_dir: Path, meta: dict) -> ByteTokenizer | HFTokeni
         return ByteTokenizer()
     from tokenizers import Tokenizer
 
-    path = step_dir / meta["tokenizer"]
+    if meta["tokenizer"] != "tokenizer.json":  # never follow a path read from a file
+        raise CheckpointError(f"{step_dir}/meta.json: unexpected tokenizer entry {meta['tokenizer']!r}")
+    path = step_dir / "tokenizer.json"
     try:
         # Named through the recorded id, so an imported tokenizer whose end-of-document token is not one of the
         # default names (e.g. Llama 3's "<|end_of_text|>") loads too.

@@ -90,16 +90,24 @@ def prepare_run_dir(run_dir: Path, config: Config, resume_step: int | None) -> N
         print(f"note: {run_dir} already held metrics.jsonl; moved it to {kept.name}", file=sys.stderr)
     elif metrics.exists():
         lines = metrics.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if json.loads(line)["step"] <= resume_step]
-        redo = [line for line in lines if json.loads(line)["step"] > resume_step]
+        keep = [line for line in lines if _logged_step(line) <= resume_step]
+        redo = [line for line in lines if _logged_step(line) > resume_step]
         if redo:
             with open(run_dir / "metrics.rolled_back.jsonl", "a") as f:
-                f.writelines(redo)
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in redo)
             tmp = metrics.with_name("metrics.jsonl.tmp")
             tmp.write_text("".join(keep))
             os.replace(tmp, metrics)
     # The configuration that runs: every derived default (dp, vocabulary, FFN size, schedule lengths) filled in.
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line torn by a crash mid-write counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def model_vocab_size(config: Config) -> int | None:

@@ -190,3 +190,25 @@ def test_model_mismatch_is_refused(tmp_path, shard):
     other = Trainer(cfg, SINGLE, tmp_path)
     with pytest.raises(CheckpointError, match="has shape"):
         other.init_weights_from(tmp_path / "src")
+
+
+def test_latest_naming_a_lost_step_falls_back_to_the_newest_complete_one(tmp_path, shard, capsys):
+    """`latest` pointing at a deleted step directory resumes from the newest complete checkpoint, with a warning."""
+    make_trainer(*shard, tmp_path, 4, save_interval=2, keep_last=0).fit()
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000004")
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    assert "unusable checkpoint" in capsys.readouterr().err
+
+
+def test_resume_takes_hyperparameters_from_the_new_config(tmp_path, shard):
+    """The AdamW moments come from the checkpoint, weight decay / betas / eps from the resuming run's config."""
+    make_trainer(*shard, tmp_path, 2).fit()
+    resumed = make_trainer(*shard, tmp_path, 4)
+    resumed.cfg.optim.weight_decay, resumed.cfg.optim.beta2 = 0.0123, 0.9876
+    resumed.resume(latest_checkpoint(tmp_path))
+    decay, no_decay = resumed.optimizer.param_groups
+    assert decay["weight_decay"] == 0.0123 and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == (resumed.cfg.optim.beta1, 0.9876)
+    assert resumed.optimizer.state  # the moments were loaded

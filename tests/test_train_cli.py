@@ -116,12 +116,14 @@ def test_resume_appends_and_rolls_back_redone_steps(tmp_path, shard):
     r = train([*args, "train.steps=4", "optim.warmup_steps=1", "optim.decay_steps=10"], tmp_path)
     assert r.returncode == 0 and "no checkpoint" in r.stdout, r.stderr
     # Pretend the first run went on to log steps 5 and 6 before dying without a checkpoint.
-    with open(run / "metrics.jsonl", "a") as f:
+    with open(run / "metrics.jsonl", "a") as f:  # ... and died mid-write: a torn last line
         f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n" + json.dumps({"step": 6, "loss": 0.0}) + "\n")
+        f.write('{"step": 7, "lo')
     r = train([*args, "train.steps=8", "optim.warmup_steps=1", "optim.decay_steps=10"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"resuming from {run / 'checkpoints' / 'step_00000004'} (step 4)" in r.stdout
     steps = [m["step"] for m in metrics(run) if "loss" in m]
     assert steps == list(range(1, 9))
-    assert [json.loads(x)["step"] for x in (run / "metrics.rolled_back.jsonl").read_text().splitlines()] == [5, 6]
+    rolled_back = (run / "metrics.rolled_back.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in rolled_back[:2]] == [5, 6] and rolled_back[2] == '{"step": 7, "lo'
 

@@ -206,3 +206,7 @@ def test_compiled_blocks_match_eager(tmp_path, shard):
     cfg.train.compile = True
     compiled, _ = train_losses(cfg, str(tmp_path / "compiled"))
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+    # Blocks are compiled in place: parameter names - and so checkpoints - are the plain model's.
+    state = ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu"))
+    names = [n for n, _ in Trainer(cfg, state, tmp_path / "compiled").model.named_parameters()]
+    assert not any("_orig_mod" in n for n in names)

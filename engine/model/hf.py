@@ -170,7 +170,9 @@ def _state_from_hf(cfg: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> di
 
 def from_hf(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A transformers GPT-2 or Llama directory -> our ModelConfig and fp32 parameters by our names."""
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+    # use_safetensors: a pickled pytorch_model.bin is refused, like everything else we load.
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True,
+                                                 use_safetensors=True)
     cfg = _model_config_from_hf(model.config, Path(hf_dir).resolve().name)
     return cfg, _state_from_hf(cfg, {k: v.detach() for k, v in model.state_dict().items()})
 

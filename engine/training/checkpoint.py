@@ -53,14 +53,31 @@ def step_dir_name(step: int) -> str:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The step directory `latest` names, or None when the run has no checkpoint yet."""
-    pointer = checkpoints_dir(run_dir) / "latest"
+    """The step directory `latest` names, or None when the run has no checkpoint yet.
+
+    If `latest` names a missing or damaged step (deleted by hand, a disk problem), the newest complete one is used
+    instead, with a warning.
+    """
+    root = checkpoints_dir(run_dir)
+    pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
-    return path
+    path = root / pointer.read_text().strip()
+    try:
+        read_meta(path)
+        return path
+    except CheckpointError as e:
+        problem = e
+    candidates = sorted((d for d in root.iterdir() if STEP_DIR.match(d.name)), reverse=True)
+    for candidate in candidates:
+        try:
+            read_meta(candidate)
+        except CheckpointError:
+            continue
+        print(f"warning: {pointer} names an unusable checkpoint ({problem}); using {candidate.name}, the newest "
+              "complete one", file=sys.stderr)
+        return candidate
+    raise CheckpointError(f"{pointer}: {problem}; and no other complete checkpoint in {root}")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -150,20 +167,48 @@ def save_checkpoint(
     if fail_after_files is not None:
         fail_after_files()  # tests: a crash in the middle of a save
     _barrier(state)
+    error = None
     if state.rank == 0:
-        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        full = {"format": FORMAT_VERSION, "step": step, "world_size": state.world_size,
-                "tp": state.tp, "pp": state.pp, "dp": state.dp, "files": files, **meta}
-        (tmp / "meta.json").write_text(json.dumps(full, indent=1, sort_keys=True))
-        if final.exists():  # re-saving a step (a resumed run reaching it again)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        prune(root, keep_last, keep_every)
-    _barrier(state)
+        try:
+            _publish(root, tmp, final, state, step, meta, keep_last, keep_every)
+        except OSError as e:  # disk full, permissions: every rank must hear of it rather than wait forever
+            error = f"saving {final} failed: {e}"
+    if state.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, state: ParallelState, step: int, meta: dict, keep_last: int,
+             keep_every: int) -> None:
+    """Rank 0: write meta.json, make everything durable, rename the directory, then move `latest`."""
+    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+    full = {"format": FORMAT_VERSION, "step": step, "world_size": state.world_size,
+            "tp": state.tp, "pp": state.pp, "dp": state.dp, "files": files, **meta}
+    (tmp / "meta.json").write_text(json.dumps(full, indent=1, sort_keys=True))
+    for f in tmp.iterdir():  # on disk before any name points at them, so a power cut cannot leave empty files
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():  # re-saving a step (a resumed run reaching it again)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name + "\n")
+    _fsync(pointer)
+    os.replace(pointer, root / "latest")
+    _fsync(root)
+    prune(root, keep_last, keep_every)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> None:
@@ -243,14 +288,14 @@ def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
     load_model_weights(path, model, tag)
     _load_optimizer(path / f"optimizer-{tag}.safetensors", meta["optimizer_groups"], model, optimizer)
     rng = path / f"rng-rank{state.rank:05d}.safetensors"
-    if rng.exists():
+    if meta["world_size"] == state.world_size:
         rng_state = _load_tensors(rng)
         torch.set_rng_state(rng_state["cpu"])
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng_state["cuda"]))
-    else:  # a different world size: this rank had no predecessor
-        print(f"warning: {rng.name} not in the checkpoint (world size changed); this rank's random state starts "
-              "fresh", file=sys.stderr)
+    else:  # another layout: rank r of this run is not rank r of that one
+        print(f"warning: the checkpoint was saved by {meta['world_size']} ranks, this run has {state.world_size}: "
+              "random states start fresh", file=sys.stderr)
     return meta
 
 

@@ -42,7 +42,7 @@ from engine.training.metrics import (
     peak_tflops,
     perplexity,
 )
-from engine.training.optimizer import build_optimizer, lr_at, set_lr
+from engine.training.optimizer import build_optimizer, lr_at, param_groups, set_lr
 from engine.training.schedule import forward_backward_no_pipelining
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,8 +85,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = GPT(m).to(self.device)
         if t.compile:
-            for i, block in enumerate(self.model.blocks):
-                self.model.blocks[i] = torch.compile(block)
+            for block in self.model.blocks:
+                block.compile()  # in place: parameter names, and so checkpoints, stay the plain model's
         self.grad_sync = GradientAllReduce(self.model, state.dp_group, cfg.parallel.bucket_size_mb)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.autocast = autocast_factory(t.precision, self.device)
@@ -262,6 +262,10 @@ class Trainer:
         self.skipped_steps, self.wandb_run_id = meta["skipped_steps"], meta.get("wandb_run_id")
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
+        # The moments come from the checkpoint; the hyper-parameters from this run's config (they may be changed).
+        o = self.cfg.optim
+        for group, fresh in zip(self.optimizer.param_groups, param_groups(self.model, o), strict=True):
+            group.update(weight_decay=fresh["weight_decay"], betas=(o.beta1, o.beta2), eps=o.eps)
         saved = meta["config"]["optim"]
         now = (self.cfg.optim.warmup_steps, self.cfg.optim.decay_steps)
         if (saved["warmup_steps"], saved["decay_steps"]) != now and self.state.is_logging_rank:
