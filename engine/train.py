@@ -90,8 +90,9 @@ def prepare_run_dir(run_dir: Path, config: Config, resume_step: int | None) -> N
         print(f"note: {run_dir} already held metrics.jsonl; moved it to {kept.name}", file=sys.stderr)
     elif metrics.exists():
         lines = metrics.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if _logged_step(line) <= resume_step]
-        redo = [line for line in lines if _logged_step(line) > resume_step]
+        keep, redo = [], []
+        for line in lines:
+            (keep if _logged_step(line) <= resume_step else redo).append(line)
         if redo:
             with open(run_dir / "metrics.rolled_back.jsonl", "a") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in redo)

@@ -305,15 +305,17 @@ def _load_optimizer(path: Path, groups: list[dict], model: torch.nn.Module, opti
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     if current != [g["params"] for g in groups]:
         raise CheckpointError(f"{path}: the optimizer's parameter groups differ from the checkpoint's")
+    by_param: dict[str, dict[str, torch.Tensor]] = {}  # "param.name.exp_avg" -> by_param["param.name"]["exp_avg"]
+    for key, t in tensors.items():
+        name, field = key.rsplit(".", 1)
+        by_param.setdefault(name, {})[field] = t
     state_dict = {"state": {}, "param_groups": []}
     index = 0
     for group in groups:
         ids = []
         for name in group["params"]:
-            entry = {key.removeprefix(f"{name}."): t for key, t in tensors.items()
-                     if key.rsplit(".", 1)[0] == name}
-            if entry:
-                state_dict["state"][index] = entry
+            if name in by_param:
+                state_dict["state"][index] = by_param[name]
             ids.append(index)
             index += 1
         hyper = {k: tuple(v) if k == "betas" else v for k, v in group.items() if k != "params"}
