@@ -36,6 +36,9 @@ class ModelConfig:
     num_kv_heads: int | None = None  # None: as many as num_heads (no grouped-query attention)
     ffn_hidden_size: int | None = None  # None: 4 * hidden (gpt2) or 8/3 * hidden rounded up to 64 (llama)
     vocab_size: int | None = None  # None: the tokenizer's vocabulary
+    # The embedding and output rows are padded (with zero rows never predicted) to a multiple of this x parallel.tp;
+    # 128 keeps the output matmul's shapes tensor-core friendly on GPUs. Export drops the padding.
+    make_vocab_size_divisible_by: int = 1
     max_seq_len: int = 1024  # learned position embeddings (gpt2); RoPE needs no table size
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -212,7 +215,9 @@ def validate(cfg: Config, world_size: int) -> None:
         ("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline")),
     ]:
         check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
-    for name, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+    for name, value in [("model.num_layers", m.num_layers),
+                        ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
+                        ("model.hidden_size", m.hidden_size),
                         ("model.num_heads", m.num_heads), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
                         ("train.steps", t.steps), ("train.seq_len", t.seq_len),
                         ("train.micro_batch_size", t.micro_batch_size),
@@ -262,10 +267,14 @@ def validate(cfg: Config, world_size: int) -> None:
         check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
               f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
               f"{t.micro_batch_size} x parallel.dp={dp}; use a multiple of {t.micro_batch_size * dp}")
-    check(p.tp == 1 and p.pp == 1,
-          f"parallel.tp={p.tp}, parallel.pp={p.pp}: this build trains with data parallelism only; tensor and "
-          "pipeline parallelism are not available yet (set both to 1)")
-    check(not p.sequence_parallel, "parallel.sequence_parallel needs tensor parallelism, not available yet")
+    check(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallelism is not available yet (set parallel.pp=1)")
+    check(t.precision != "fp16" or p.tp == 1,
+          "train.precision=fp16 with parallel.tp > 1: the loss scaler's overflow check is per rank, so tensor-parallel "
+          "ranks could disagree on skipping a step; use train.precision=bf16")
+    if p.sequence_parallel and p.tp > 1:
+        check(t.seq_len % p.tp == 0,
+              f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: sequence parallelism splits the "
+              "sequence between the tensor-parallel ranks")
     check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} and optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr")
     check(o.clip_grad >= 0, f"optim.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
     check(0 < o.wsd_decay_fraction <= 1, f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")

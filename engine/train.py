@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -57,17 +56,16 @@ def to_config(cfg: DictConfig) -> Config:
 
 def dry_run(cfg: Config) -> None:
     """Print what the run would be - parameters, FLOPs per token, memory per rank - without allocating it."""
-    from engine.model import GPT
     from engine.model.flops import count_parameters, flops_per_token
+    from engine.parallel.layers import padded_vocab_size
     from engine.training.memory import estimate_memory
 
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    n = model.num_parameters()
-    assert n == count_parameters(cfg.model)
+    padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
+    n = count_parameters(cfg.model)
     m, t = cfg.model, cfg.train
     print(f"model {m.name} ({m.arch}): {n:,} parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
-          f"{m.num_heads} heads ({m.num_kv_heads} KV), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}")
+          f"{m.num_heads} heads ({m.num_kv_heads} KV), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}"
+          + (f" (padded to {padded})" if padded != m.vocab_size else ""))
     print(f"FLOPs per token (training): {flops_per_token(m, t.seq_len):.4g} at seq_len {t.seq_len}")
     mem = estimate_memory(cfg)
     print("estimated memory per rank: " + ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in mem.items()))

@@ -90,7 +90,10 @@ RULES = [
     ({"model__arch": "llama", "model__hidden_size": 12, "model__num_heads": 4}, 1, "must be even for RoPE"),
     ({"model__dropout": 1.0}, 1, "model.dropout=1.0 must be in [0, 1)"),
     ({"train__steps": 0}, 1, "train.steps=0 must be at least 1"),
-    ({"parallel__tp": 2}, 2, "tensor and pipeline parallelism are not available yet"),
+    ({"parallel__pp": 2}, 2, "pipeline parallelism is not available yet"),
+    ({"parallel__tp": 2, "parallel__sequence_parallel": True, "train__seq_len": 33}, 2,
+     "train.seq_len=33 is not divisible by parallel.tp=2"),
+    ({"model__make_vocab_size_divisible_by": 0}, 1, "model.make_vocab_size_divisible_by=0 must be at least 1"),
     ({"parallel__tp": 0}, 1, "parallel.tp=0 must be at least 1"),
     ({"model__num_kv_heads": 0}, 1, "model.num_kv_heads=0 must be at least 1"),
 ]

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
 from engine.config import ModelConfig
+from engine.parallel.layers import (
+    ColumnParallelLinear,
+    InitMethod,
+    RowParallelLinear,
+    enter_tp_region,
+    mark_partial_grad,
+)
+from engine.parallel.mappings import tp_rank, tp_size
 
 
 class KVCache:
@@ -31,32 +40,54 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal self-attention: q/k/v projections, RoPE (Llama), the attention core, output projection."""
+    """Causal self-attention: q/k/v projections, RoPE (Llama), the attention core, output projection.
 
-    def __init__(self, cfg: ModelConfig):
+    Under tensor parallelism each rank runs num_heads / tp query heads. Grouped-query K/V heads are split the same
+    way when tp divides them; when tp exceeds them, every rank holds all K/V heads (a small matrix) and uses the
+    one its query heads share, and their gradients are summed over the TP group.
+    """
+
+    def __init__(self, cfg: ModelConfig, init: InitMethod, output_init: InitMethod,
+                 group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
         bias = cfg.arch == "gpt2"
+        tp = tp_size(group)
         self.head_dim = cfg.hidden_size // cfg.num_heads
         kv_size = cfg.num_kv_heads * self.head_dim
-        # Separate projections (not one fused QKV) map 1:1 onto HF's and split cleanly by head for tensor
-        # parallelism, grouped-query or not.
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=bias)
-        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
+        column = {"bias": bias, "sequence_parallel": sequence_parallel, "input_mapped": True, "init_method": init}
+        # Separate projections (not one fused QKV) map 1:1 onto HF's and split cleanly by head, grouped-query or
+        # not; they share one collective on their common input.
+        self.q_proj = ColumnParallelLinear(cfg.hidden_size, cfg.hidden_size, group=group, **column)
+        split_kv = cfg.num_kv_heads % tp == 0
+        kv_group = group if split_kv else None  # None: the whole (replicated) K/V projection on every rank
+        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_size, group=kv_group, **column)
+        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_size, group=kv_group, **column)
+        self.local_kv_heads = cfg.num_kv_heads // tp if split_kv else 1
+        # The K/V head this rank's query heads belong to, when the K/V heads are replicated.
+        self.kv_head = None if split_kv else tp_rank(group) // (tp // cfg.num_kv_heads)
+        if not split_kv:
+            mark_partial_grad(*self.k_proj.parameters(), *self.v_proj.parameters())
+        self.o_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=bias, group=group,
+                                        init_method=output_init, sequence_parallel=sequence_parallel)
         self.recompute_core = cfg.recompute == "selective"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x (batch, seq, hidden) -> (batch, seq, hidden); `rope` is (cos, sin) for Llama, None for GPT-2.
 
-        With `cache` (inference), x continues the cached tokens: a whole prompt into an empty cache, or one token.
+        Under SP, x and the output are this rank's sequence chunk. With `cache` (inference), x continues the
+        cached tokens: a whole prompt into an empty cache, or one token.
         """
+        x = enter_tp_region(x, self.group, self.sequence_parallel)
         b, s, _ = x.shape
         # -1 heads: the local head count, so a tensor-parallel shard runs the same code.
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if self.kv_head is not None:
+            k = k[:, :, self.kv_head : self.kv_head + 1]
+            v = v[:, :, self.kv_head : self.kv_head + 1]
         if rope is not None:
             q, k = kernels.apply_rotary(q, *rope), kernels.apply_rotary(k, *rope)
         if cache is not None:

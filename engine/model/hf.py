@@ -25,8 +25,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from engine.config import ModelConfig
 from engine.data.tokenizer import BYTE_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, TokenizerError
-from engine.inference import checkpoint_model_config, load_for_inference
-from engine.training.checkpoint import FORMAT_VERSION, CheckpointError, read_meta
+from engine.inference import checkpoint_model_config, checkpoint_tokenizer
+from engine.training.checkpoint import FORMAT_VERSION, CheckpointError, load_full_weights, read_meta, resolve_checkpoint
 
 try:
     from transformers import (
@@ -207,9 +207,11 @@ def save_hf_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, eod_id: int, outpu
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write a checkpoint as a transformers model directory (safetensors, config, tokenizer); returns it."""
-    model, tokenizer, meta = load_for_inference(checkpoint)
-    state = {name: p.detach() for name, p in model.named_parameters()}
-    config, hf_state = to_hf(model.cfg, state, meta["eod_id"])
+    step_dir = resolve_checkpoint(checkpoint)
+    meta = read_meta(step_dir)
+    tokenizer = checkpoint_tokenizer(step_dir, meta)
+    # Merged over tensor-parallel shards, vocabulary padding dropped.
+    config, hf_state = to_hf(checkpoint_model_config(meta), load_full_weights(step_dir), meta["eod_id"])
     # Built on the meta device and then handed our tensors: no time spent on a random initialisation.
     with torch.device("meta"):
         hf_model = AutoModelForCausalLM.from_config(config)

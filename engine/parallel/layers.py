@@ -1,25 +1,37 @@
-"""Tensor-parallel layers (Megatron-style): linear layers split by columns or rows, a vocab-split embedding, and
-a cross entropy over vocab-split logits that never materialises the full vocabulary on one rank.
+"""Tensor-parallel layers (Megatron-style): linear layers split by columns or rows, a vocab-split embedding and
+output layer, and a cross entropy over vocab-split logits that never materialises the full vocabulary on one rank.
 
 Every rank builds the full master weight from the same RNG stream and keeps its slice, so with the same seed the
 shards concatenate to exactly what a single-device `nn.Linear` / `nn.Embedding` would hold: checkpoints and tests
-compare against the unsplit layer directly.
+compare against the unsplit layer directly. With `group=None` each layer is its plain single-device self.
+
+Parameters carry how they are laid out across the TP group, for checkpoints, gradient clipping and the gradient
+reduction below:
+    tp_dim            the dimension a sharded parameter is split along (absent: replicated)
+    tp_vocab          its rows are this rank's slice of the padded vocabulary
+    tp_partial_grad   replicated, but each rank's gradient covers only its part of the work (its sequence chunk,
+                      its query heads): the true gradient is the sum over the TP group
+With sequence parallelism (`sequence_parallel=True`) the activations between the TP regions are split along the
+sequence (dim 1): column layers all-gather their input, row layers reduce-scatter their output.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from engine.parallel.mappings import (
     copy_to_tp,
+    gather_from_sp,
     gather_from_tp_last_dim,
     reduce_from_tp,
+    reduce_scatter_to_sp,
     scatter_to_tp_last_dim,
     tp_rank,
     tp_size,
@@ -32,6 +44,23 @@ def _divide(n: int, parts: int, what: str) -> int:
     if n % parts:
         raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {parts}")
     return n // parts
+
+
+def enter_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None, sequence_parallel: bool) -> torch.Tensor:
+    """The full input of a TP region: copy (all-reduce backward), or all-gather of sequence chunks under SP."""
+    return gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
+
+
+def exit_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None, sequence_parallel: bool) -> torch.Tensor:
+    """Sum the ranks' partial outputs: all-reduce, or reduce-scatter into sequence chunks under SP."""
+    return reduce_scatter_to_sp(x, group) if sequence_parallel else reduce_from_tp(x, group)
+
+
+def mark_partial_grad(*params: nn.Parameter | None) -> None:
+    """Flag replicated parameters whose per-rank gradients must be summed over the TP group."""
+    for p in params:
+        if p is not None:
+            p.tp_partial_grad = True
 
 
 def _linear_master(in_features: int, out_features: int, bias: bool,
@@ -51,25 +80,39 @@ def _linear_master(in_features: int, out_features: int, bias: bool,
     return weight, b
 
 
+def _shard(full: torch.Tensor, dim: int, rank: int, world: int) -> nn.Parameter:
+    """This rank's chunk of `full` along `dim`, as a parameter that records the split."""
+    p = nn.Parameter(full.chunk(world, dim=dim)[rank].clone())
+    if world > 1:
+        p.tp_dim = dim
+    return p
+
+
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split by output rows: each rank computes its slice of the output features."""
+    """y = x W^T + b with W split by output rows: each rank computes its slice of the output features.
+
+    `input_mapped=True` when the caller already entered the TP region (`enter_tp_region`) for several layers that
+    share one input (q/k/v, gate/up): one collective for all of them instead of one each.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
-                 group: dist.ProcessGroup | None = None, init_method: InitMethod | None = None):
+                 group: dist.ProcessGroup | None = None, init_method: InitMethod | None = None,
+                 sequence_parallel: bool = False, input_mapped: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.group = gather_output, group
+        self.sequence_parallel, self.input_mapped = sequence_parallel, input_mapped
         world, rank = tp_size(group), tp_rank(group)
         self.out_per_rank = _divide(out_features, world, "out_features")
         weight, b = _linear_master(in_features, out_features, bias, init_method)
-        rows = slice(rank * self.out_per_rank, (rank + 1) * self.out_per_rank)
-        self.weight = nn.Parameter(weight[rows].clone())
-        self.bias = nn.Parameter(b[rows].clone()) if b is not None else None
+        self.weight = _shard(weight, 0, rank, world)
+        self.bias = _shard(b, 0, rank, world) if b is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Output shard (..., out/tp), or the full (..., out) with gather_output."""
-        # The input is replicated; its gradient is the sum of every rank's partial gradient.
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        if not self.input_mapped:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_tp_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -77,24 +120,27 @@ class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input columns: partial products are summed over ranks, then the bias added."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
-                 group: dist.ProcessGroup | None = None, init_method: InitMethod | None = None):
+                 group: dist.ProcessGroup | None = None, init_method: InitMethod | None = None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.input_is_parallel, self.group = input_is_parallel, group
+        self.input_is_parallel, self.group, self.sequence_parallel = input_is_parallel, group, sequence_parallel
         world, rank = tp_size(group), tp_rank(group)
         self.in_per_rank = _divide(in_features, world, "in_features")
         weight, b = _linear_master(in_features, out_features, bias, init_method)
-        cols = slice(rank * self.in_per_rank, (rank + 1) * self.in_per_rank)
-        self.weight = nn.Parameter(weight[:, cols].clone())
-        # Replicated: every rank holds the whole bias and gets its whole (identical) gradient.
+        self.weight = _shard(weight, 1, rank, world)
+        # Replicated: every rank holds the whole bias. Its gradient is whole too, unless the output is a sequence
+        # chunk (SP), when each rank sees only its chunk's share.
         self.bias = nn.Parameter(b) if b is not None else None
+        if sequence_parallel and world > 1:
+            mark_partial_grad(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full output (..., out) from the input shard (..., in/tp), or from the full input if not input_is_parallel."""
+        """Full output (..., out) from the input shard (..., in/tp) (a sequence chunk of it under SP)."""
         if not self.input_is_parallel:
             x = scatter_to_tp_last_dim(x, self.group)
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
-        # After the all-reduce, so the bias is added once rather than tp times.
+        y = exit_tp_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        # After the reduction, so the bias is added once rather than tp times.
         return y + self.bias if self.bias is not None else y
 
 
@@ -104,15 +150,15 @@ def padded_vocab_size(vocab_size: int, tp: int, divisor: int = 1) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Embedding table split by vocabulary rows; each rank looks up the tokens in its range, the rest are summed in.
+class _VocabShard(nn.Module):
+    """A (padded vocabulary / tp, dim) weight: this rank's rows of the vocabulary, padding rows zero.
 
-    The vocabulary is padded to a multiple of tp * divisor. Padding rows are zero, and tokens >= vocab_size are never
-    looked up in them (they are masked like tokens of another rank's range).
+    The real rows are drawn as one (vocab_size, dim) tensor, exactly as the unpadded single-device layer would, and
+    the padding rows from no RNG stream at all, so the real rows are the same whatever tp and the padding.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None = None,
-                 divisor: int = 1, init_method: InitMethod | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None, divisor: int,
+                 init_method: InitMethod | None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
         world, rank = tp_size(group), tp_rank(group)
@@ -120,18 +166,52 @@ class VocabParallelEmbedding(nn.Module):
         self.per_rank = self.padded_vocab // world
         self.vocab_start = rank * self.per_rank
         self.vocab_end = self.vocab_start + self.per_rank
-        # Same draw as nn.Embedding(num_embeddings, dim) (normal(0, 1)) on the real rows; padding rows stay zero.
         master = torch.zeros(self.padded_vocab, embedding_dim)
-        (init_method or nn.init.normal_)(master[:num_embeddings])
-        self.weight = nn.Parameter(master[self.vocab_start : self.vocab_end].clone())
+        (init_method or nn.init.normal_)(master[:num_embeddings])  # nn.Embedding's normal(0, 1) by default
+        self.weight = _shard(master, 0, rank, world)
+        self.weight.tp_vocab = True
+
+
+class VocabParallelEmbedding(_VocabShard):
+    """Embedding table split by vocabulary rows; each rank looks up the tokens in its range, the rest are summed in.
+
+    The vocabulary is padded to a multiple of tp * divisor. Tokens >= vocab_size are never looked up in the zero
+    padding rows (they are masked like tokens of another rank's range).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None = None,
+                 divisor: int = 1, init_method: InitMethod | None = None, sequence_parallel: bool = False):
+        super().__init__(num_embeddings, embedding_dim, group, divisor, init_method)
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(..., dim) embeddings of token ids (...), identical on every TP rank."""
+        """(..., dim) embeddings of token ids (...), identical on every TP rank (a sequence chunk of them under SP)."""
         outside = (ids < self.vocab_start) | (ids >= min(self.vocab_end, self.num_embeddings))
         local = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
         # Masking the output (not just the index) keeps row 0's gradient free of other ranks' tokens.
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.group)
+        return exit_tp_region(out, self.group, self.sequence_parallel)
+
+
+class VocabParallelOutput(_VocabShard):
+    """The output layer: logits for this rank's slice of the padded vocabulary, x @ W_shard^T.
+
+    Tied to the embedding by assigning `output.weight = embedding.weight` (both split the padded vocabulary the
+    same way); the loss is `vocab_parallel_cross_entropy` on the slice, so the full logits never exist on one rank.
+    """
+
+    def __init__(self, embedding_dim: int, num_embeddings: int, group: dist.ProcessGroup | None = None,
+                 divisor: int = 1, init_method: InitMethod | None = None, sequence_parallel: bool = False):
+        super().__init__(num_embeddings, embedding_dim, group, divisor, init_method)
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, seq, dim) (a sequence chunk under SP) -> this rank's logits (batch, seq, padded_vocab / tp)."""
+        return F.linear(enter_tp_region(x, self.group, self.sequence_parallel), self.weight)
+
+    def full_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole unpadded vocabulary's logits from every rank's slice (inference only: it gathers them)."""
+        return gather_from_tp_last_dim(local, self.group)[..., : self.num_embeddings]
 
 
 def _tp_all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> None:
@@ -140,41 +220,45 @@ def _tp_all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op=dist.Red
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Softmax cross entropy over logits split by vocab; only (tokens,)-sized vectors cross the wire."""
+    """Softmax cross entropy over logits split by vocab; only (tokens,)-sized vectors cross the wire.
+
+    The per-shard statistics and gradient come from `kernels` (Triton or PyTorch); the three all-reduces are here.
+    """
 
     @staticmethod
     def forward(ctx, logits, targets, group, vocab_start, vocab_size, ignore_index):
-        x = logits.float()
-        n_local = x.shape[-1]
-        columns = torch.arange(vocab_start, vocab_start + n_local, device=x.device)
-        x = x.masked_fill(columns >= vocab_size, float("-inf"))  # padding columns take no probability
-        # Subtract the global max so exp cannot overflow.
-        m = x.max(dim=-1).values
-        _tp_all_reduce(m, group, dist.ReduceOp.MAX)
-        x = x - m.unsqueeze(-1)
-        exp = x.exp()
-        sum_exp = exp.sum(dim=-1)
-        _tp_all_reduce(sum_exp, group)
-        # The target's logit lives on one rank; the others contribute zero.
-        valid = targets != ignore_index
-        local = targets - vocab_start
-        mine = valid & (local >= 0) & (local < n_local)
-        local = torch.where(mine, local, torch.zeros_like(local))
-        target_logit = torch.where(mine, x.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
-        _tp_all_reduce(target_logit, group)
-        losses = torch.where(valid, sum_exp.log() - target_logit, 0.0)
+        n_local = logits.shape[-1]
+        # Padding columns take no probability: they are left out of the statistics altogether.
+        n_real = int(max(0, min(n_local, vocab_size - vocab_start)))
+        real = logits[..., :n_real]
+        rows = targets.numel()
+        if n_real > 0:
+            m, s, t = kernels.cross_entropy_shard_stats(real, targets, vocab_start, ignore_index)
+        else:  # a rank holding only padding
+            m = torch.full((rows,), -math.inf, device=logits.device)
+            s, t = torch.zeros(rows, device=logits.device), torch.zeros(rows, device=logits.device)
+        # The global max keeps exp from overflowing; each shard's sum is rescaled to it before summing.
+        global_max = m.clone()
+        _tp_all_reduce(global_max, group, dist.ReduceOp.MAX)
+        s = s * torch.exp(m - global_max)
+        _tp_all_reduce(s, group)
+        _tp_all_reduce(t, group)  # the target's logit lives on one rank; the others contribute zero
+        lse = global_max + s.log()
+        valid = targets.reshape(-1) != ignore_index
         count = valid.sum()
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine, valid, count)
-        ctx.logits_dtype = logits.dtype
-        return losses.sum() / count
+        ctx.save_for_backward(real, targets, lse, valid, count)
+        ctx.vocab_start, ctx.ignore_index, ctx.n_pad = vocab_start, ignore_index, n_local - n_real
+        return torch.where(valid, lse - t, 0.0).sum() / count
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local, mine, valid, count = ctx.saved_tensors
-        # d(mean loss)/d(logits) = (softmax - onehot(target)) / count, on this rank's columns only.
-        g = softmax.scatter_add(-1, local.unsqueeze(-1), -mine.unsqueeze(-1).to(softmax.dtype))
-        g = g * (valid.unsqueeze(-1) * (grad / count))
-        return g.to(ctx.logits_dtype), None, None, None, None, None
+        real, targets, lse, valid, count = ctx.saved_tensors
+        grad_rows = valid * (grad / count)
+        g = (kernels.cross_entropy_shard_grad(real, targets, ctx.vocab_start, lse, grad_rows, ctx.ignore_index)
+             if real.shape[-1] else real.new_zeros(real.shape))
+        if ctx.n_pad:
+            g = F.pad(g, (0, ctx.n_pad))
+        return g, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup | None,
@@ -187,3 +271,29 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tens
     """
     limit = math.inf if vocab_size is None else vocab_size
     return _VocabParallelCrossEntropy.apply(logits_shard, targets, group, vocab_start, limit, ignore_index)
+
+
+def allreduce_partial_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """Sum the gradients of `tp_partial_grad` parameters over the TP group, in one flat all-reduce."""
+    grads = [p.grad for p in params if getattr(p, "tp_partial_grad", False) and p.grad is not None]
+    if tp_size(group) == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The global L2 norm of the gradients: shards summed over the TP group, replicated parameters counted once."""
+    sharded, replicated = [], []
+    for p in params:
+        if p.grad is not None:
+            (sharded if hasattr(p, "tp_dim") else replicated).append(p.grad.detach().float().square().sum())
+    device = next(iter(sharded + replicated)).device
+    sq_sharded = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
+    _tp_all_reduce(sq_sharded, group)
+    sq_replicated = torch.stack(replicated).sum() if replicated else torch.zeros((), device=device)
+    return (sq_sharded + sq_replicated).sqrt()

@@ -160,7 +160,7 @@ def save_checkpoint(
         tensors, groups = _optimizer_tensors(model, optimizer)
         save_file(tensors, tmp / f"optimizer-{tag}.safetensors")
         if state.rank == 0:
-            meta = {**meta, "optimizer_groups": groups}
+            meta = {**meta, "optimizer_groups": groups, "tp_layout": tp_layout(model)}
     save_file(_rng_tensors(), tmp / f"rng-rank{state.rank:05d}.safetensors")
     if state.rank == 0 and tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
@@ -251,13 +251,51 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
 
 
-def load_model_weights(path: Path, model: torch.nn.Module, tag: str = "pp00-tp00") -> None:
-    """Copy a checkpoint's parameters into `model`, checking every name and shape."""
-    copy_weights(model, _load_tensors(path / f"model-{tag}.safetensors"), str(path))
+def tp_layout(model: torch.nn.Module) -> dict[str, dict]:
+    """How each split or padded parameter is laid out: {name: {"dim": split dim or None, "vocab": padded rows}}."""
+    return {name: {"dim": getattr(p, "tp_dim", None), "vocab": getattr(p, "tp_vocab", False)}
+            for name, p in model.named_parameters() if hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)}
 
 
-def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` (by our parameter names) into `model`; every name and shape must match."""
+def load_full_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's parameters as one unsplit, unpadded model, whatever tensor-parallel layout saved them."""
+    meta = read_meta(path)
+    if meta.get("pp", 1) != 1:
+        raise CheckpointError(f"{path}: saved with pp={meta['pp']}; only pp=1 checkpoints can be merged yet")
+    shards = [_load_tensors(path / f"model-pp00-tp{t:02d}.safetensors") for t in range(meta.get("tp", 1))]
+    layout = meta.get("tp_layout", {})  # absent: written before tensor parallelism, unsplit and unpadded
+    vocab = meta.get("config", {}).get("model", {}).get("vocab_size")
+    full = {}
+    for name, tensor in shards[0].items():
+        how = layout.get(name, {})
+        if how.get("dim") is not None:
+            tensor = torch.cat([shard[name] for shard in shards], dim=how["dim"])
+        full[name] = tensor[:vocab] if how.get("vocab") else tensor
+    return full
+
+
+def load_model_weights(path: Path, model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Copy a checkpoint's parameters into `model` (split over TP `group`), checking every name and shape."""
+    copy_weights(model, load_full_weights(path), str(path), group)
+
+
+def _local_part(full: torch.Tensor, p: torch.nn.Parameter, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's part of an unsplit, unpadded tensor for parameter `p`: padded with zero rows, then sliced."""
+    world = dist.get_world_size(group) if group is not None else 1
+    if getattr(p, "tp_vocab", False) and full.shape[0] < p.shape[0] * world:
+        full = torch.cat([full, full.new_zeros(p.shape[0] * world - full.shape[0], *full.shape[1:])])
+    if hasattr(p, "tp_dim"):
+        full = full.chunk(world, dim=p.tp_dim)[dist.get_rank(group)]
+    return full
+
+
+def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
+                 group: dist.ProcessGroup | None = None, split: bool = True) -> None:
+    """Copy `tensors` (by our parameter names) into `model`; every name and shape must match.
+
+    split: the tensors are unsplit and unpadded, and each rank takes its part for TP `group`; otherwise they are
+    this rank's own shards already (a resume in the same layout).
+    """
     params = dict(model.named_parameters())
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -265,10 +303,11 @@ def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
                               f"{unexpected[:5]}); is the model configuration the one the weights were saved with?")
     with torch.no_grad():
         for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)} there but "
-                                      f"{tuple(p.shape)} in the model")
-            p.copy_(tensors[name])
+            local = _local_part(tensors[name], p, group) if split else tensors[name]
+            if local.shape != p.shape:
+                raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)} there, which does "
+                                      f"not give this rank's {tuple(p.shape)}")
+            p.copy_(local)
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
@@ -283,9 +322,10 @@ def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
     meta = read_meta(path)
     if (meta["tp"], meta["pp"]) != (state.tp, state.pp):
         raise CheckpointError(f"{path}: saved with tp={meta['tp']}, pp={meta['pp']}; this run has tp={state.tp}, "
-                              f"pp={state.pp} (resharding is not supported yet)")
+                              f"pp={state.pp}. Resuming needs the same layout (optimizer state is split like the "
+                              "weights); train.init_from takes the weights alone into any layout")
     tag = _shard_tag(state)
-    load_model_weights(path, model, tag)
+    copy_weights(model, _load_tensors(path / f"model-{tag}.safetensors"), str(path), split=False)
     _load_optimizer(path / f"optimizer-{tag}.safetensors", meta["optimizer_groups"], model, optimizer)
     rng = path / f"rng-rank{state.rank:05d}.safetensors"
     if meta["world_size"] == state.world_size:

@@ -5,6 +5,10 @@ moments per parameter. Activations per layer follow Korthikanti et al. (2022) fo
 kernel (no s^2 scores kept): about 34·s·b·h bytes at 16-bit, twice that in fp32; `full` recomputation keeps only
 each layer's input (2·s·b·h at 16-bit); `selective` is counted like `none`, since the attention scores it would
 recompute are never stored by such a kernel. The logits and their gradient add 2 x s·b·V fp32 values.
+
+With tensor parallelism t the matmul-side activations split (Korthikanti's 10 + 24/t per s·b·h). Sequence
+parallelism splits the rest too, except the two gathered inputs of the column-parallel projections, which we keep
+for backward instead of gathering them again (30/t + 4). The logits are split by vocabulary (V/t).
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ def estimate_memory(cfg: Config) -> dict[str, float]:
     params = count_parameters(m) / (p.tp * p.pp)
     act_scale = 1.0 if t.precision in ("bf16", "fp16") else 2.0
     sbh = t.seq_len * t.micro_batch_size * m.hidden_size
-    per_layer = (2 if m.recompute == "full" else 34) * sbh * act_scale
+    sp = p.sequence_parallel and p.tp > 1
+    if m.recompute == "full":
+        per_layer = 2 * sbh / (p.tp if sp else 1)
+    else:
+        per_layer = sbh * (30 / p.tp + 4 if sp else 10 + 24 / p.tp)
+    per_layer *= act_scale
     layers = m.num_layers // p.pp
-    logits = 2 * t.seq_len * t.micro_batch_size * m.vocab_size * 4
+    logits = 2 * t.seq_len * t.micro_batch_size * m.vocab_size * 4 / p.tp
     out = {
         "parameters_gib": 4 * params / GIB,
         "gradients_gib": 4 * params / GIB,

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from engine.config import OptimConfig
+from engine.parallel.layers import VocabParallelEmbedding
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Two groups: decayed matrices, and undecayed norms/biases/embeddings (unless configured otherwise)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, VocabParallelEmbedding))}
     decay, no_decay = [], []
     for p in model.parameters():  # unique parameters: a tied weight appears once
         if not p.requires_grad:

@@ -24,6 +24,7 @@ from engine.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.parallel.data_parallel import GradientAllReduce
+from engine.parallel.layers import allreduce_partial_grads, grad_norm
 from engine.parallel.state import ParallelState
 from engine.training.checkpoint import (
     copy_weights,
@@ -83,7 +84,8 @@ class Trainer:
         t, m = cfg.train, cfg.model
         self.device = state.device
         torch.manual_seed(t.seed)
-        self.model = GPT(m).to(self.device)
+        # Every rank draws the same full weights from the seed and keeps its tensor-parallel part of them.
+        self.model = GPT(m, state.tp_group, cfg.parallel.sequence_parallel).to(self.device)
         if t.compile:
             for block in self.model.blocks:
                 block.compile()  # in place: parameter names, and so checkpoints, stay the plain model's
@@ -123,18 +125,32 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- steps
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics."""
-        cfg = self.cfg
-        lr = lr_at(self.step, cfg.optim)
-        set_lr(self.optimizer, lr)
+        loss = self.compute_gradients()
+        lr, norm = self.apply_gradients()
+        return {"loss": loss, "lr": lr, "grad_norm": norm}
+
+    def compute_gradients(self) -> float:
+        """Forward and backward over this step's micro-batches; leaves every gradient complete (reduced over DP
+        and, for partial ones, TP; unscaled) and returns the global batch's mean loss."""
         batches = self.micro_batches(self.train_data, self.train_sampler, self.consumed_samples)
         self.model.train()
         scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         loss_sum = forward_backward_no_pipelining(self.model, batches, self.grad_sync, self.autocast, scale)
         self.grad_sync.finish_grad_sync()
+        allreduce_partial_grads(self.model.parameters(), self.state.tp_group)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return dp_mean(loss_sum / len(batches), self.state)
+
+    def apply_gradients(self) -> tuple[float, float]:
+        """Clip by the whole model's gradient norm, step the optimizer, zero the gradients; returns (lr, norm)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim)
+        set_lr(self.optimizer, lr)
+        params = list(self.model.parameters())
+        norm = grad_norm(params, self.state.tp_group)  # over every rank's shards, not just this rank's
+        if cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, norm)
         if self.scaler is not None:
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
@@ -145,8 +161,7 @@ class Trainer:
         self.grad_sync.zero_grad()
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
-        loss = dp_mean(loss_sum / len(batches), self.state)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm.item()}
+        return lr, norm.item()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -280,9 +295,9 @@ class Trainer:
             from engine.model.hf import from_hf  # imports transformers: only when asked for
 
             _, tensors = from_hf(path)
-            copy_weights(self.model, tensors, str(path))
+            copy_weights(self.model, tensors, str(path), self.state.tp_group)
         else:
-            load_model_weights(resolve_checkpoint(path), self.model)
+            load_model_weights(resolve_checkpoint(path), self.model, self.state.tp_group)
 
     def progress(self) -> dict:
         """Where the run is in the sample stream."""
