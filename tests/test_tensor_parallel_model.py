@@ -58,9 +58,9 @@ def case_config(case: Case, shard: str, cache: str, tp: int, dp: int):
     return cfg
 
 
-def full_gradient(p: torch.nn.Parameter, group: dist.ProcessGroup | None, vocab: int) -> torch.Tensor:
-    """The unsplit gradient of `p`: its TP shards concatenated (plain all_gather), vocabulary padding dropped."""
-    g = p.grad.detach().clone()
+def unsplit(t: torch.Tensor, p: torch.nn.Parameter, group: dist.ProcessGroup | None, vocab: int) -> torch.Tensor:
+    """The whole of `t` (parameter `p` or its gradient): TP shards concatenated (plain all_gather), padding dropped."""
+    g = t.detach().clone()
     if hasattr(p, "tp_dim"):
         parts = [torch.empty_like(g) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, g.contiguous(), group=group)
@@ -75,7 +75,8 @@ def run_case(case: Case, shard: str, cache: str, run_dir: str, state: ParallelSt
     trainer = Trainer(cfg, state, run_dir)
     params_rank0 = sum(p.numel() for p in trainer.model.parameters())
     first_loss = trainer.compute_gradients()
-    grads = {n: full_gradient(p, state.tp_group, cfg.model.vocab_size) for n, p in trainer.model.named_parameters()}
+    vocab = cfg.model.vocab_size
+    grads = {n: unsplit(p.grad, p, state.tp_group, vocab) for n, p in trainer.model.named_parameters()}
     _, first_norm = trainer.apply_gradients()
     losses, norms = [first_loss], [first_norm]
     for _ in range(STEPS - 1):
