@@ -11,12 +11,15 @@ STAMP := $(VENV)/.weft-installed
 RUN ?= runs/demo
 WORKERS ?= 2
 RANKS ?= 2
+TP ?= 1
+SP ?= false
 ARGS ?=
 
-.PHONY: help venv test test-slow lint demo bench clean
+.PHONY: help venv test test-slow lint demo demo-tp bench clean
 
 help:
 	@echo "make demo       built-in corpus -> tokenizer -> shards -> a small GPT trained by $(RANKS) CPU ranks, in $(RUN)/"
+	@echo "make demo-tp    the same job on 4 ranks as tensor parallel 2 x data parallel 2 (with SP), compared with make demo's"
 	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
 	@echo "make test-slow  the full matrices and long fault trials"
 	@echo "make bench      data pipeline, training step, checkpoint and (on CUDA) kernel benchmarks"
@@ -48,7 +51,7 @@ demo: $(STAMP)
 		--tokenizer $(RUN)/tokenizer --workers $(WORKERS) --overwrite
 	$(PY) tools/inspect_shards.py $(RUN)/shards/stdlib --tokenizer $(RUN)/tokenizer --verify --entropy
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(RANKS) -m engine.train \
-		train=demo optim=adamw_small parallel.dp=$(RANKS) data.prefix=$(RUN)/shards/stdlib data.tokenizer=$(RUN)/tokenizer \
+		train=demo optim=adamw_small parallel.tp=$(TP) parallel.sequence_parallel=$(SP) parallel.dp=null data.prefix=$(RUN)/shards/stdlib data.tokenizer=$(RUN)/tokenizer \
 		train.run_dir=$(RUN)/train train.resume=none logging.wandb=true logging.wandb_mode=offline $(ARGS)
 	@echo "a sample from the trained model (tools/generate.py, KV-cached):"
 	$(PY) tools/generate.py --checkpoint $(RUN)/train --prompt "def " --max-new-tokens 120 --temperature 0.8 --top-k 40
@@ -58,6 +61,13 @@ demo: $(STAMP)
 	@echo "  run:         $(RUN)/train (metrics.jsonl, run_info.json, config.yaml)"
 	@echo "  checkpoints: $(RUN)/train/checkpoints (latest: $$(cat $(RUN)/train/checkpoints/latest))"
 	@echo "  W&B offline: $$(ls -d $(RUN)/train/wandb/offline-run-* | tail -1) (upload: wandb sync <dir>)"
+
+# The main job again as tensor parallel 2 x data parallel 2 with sequence parallelism, on 4 ranks: the same data
+# order and batch (dp is 2 in both), so its loss curve must be make demo's.
+demo-tp: $(STAMP)
+	$(MAKE) demo RANKS=4 TP=2 SP=true RUN=$(RUN)_tp2
+	@if [ -f $(RUN)/train/metrics.jsonl ]; then $(PY) tools/compare_runs.py $(RUN)_tp2/train $(RUN)/train --rtol 5e-3; \
+	else echo "run make demo too, then: $(PY) tools/compare_runs.py $(RUN)_tp2/train $(RUN)/train"; fi
 
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench

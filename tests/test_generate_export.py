@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SINGLE = ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu"))
 PROMPT = "Grüße, 世界! "  # multi-byte characters: 17 bytes
 TEXT = "Ünïcödé — ‘quotes’, emoji 🚀🔥, CJK 漢字かな, Arabic مرحبا,\ttabs  and\n\nnewlines "
-MODELS = {"gpt2": ("gpt2", {}), "llama-gqa": ("llama", {"num_kv_heads": 2})}
+# The Llama one pads its vocabulary (padding rows are dropped from logits and on export).
+MODELS = {"gpt2": ("gpt2", {}), "llama-gqa": ("llama", {"num_kv_heads": 2, "make_vocab_size_divisible_by": 64})}
 
 
 def tiny_model(arch: str, tokenizer: str = "byte", **overrides) -> GPT:
