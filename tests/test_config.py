@@ -93,6 +93,7 @@ RULES = [
     ({"parallel__pp": 2}, 2, "pipeline parallelism is not available yet"),
     ({"parallel__tp": 2, "parallel__sequence_parallel": True, "train__seq_len": 33}, 2,
      "train.seq_len=33 is not divisible by parallel.tp=2"),
+    ({"parallel__tp": 2, "train__precision": "fp16"}, 2, "train.precision=fp16 with parallel.tp > 1"),
     ({"model__make_vocab_size_divisible_by": 0}, 1, "model.make_vocab_size_divisible_by=0 must be at least 1"),
     ({"parallel__tp": 0}, 1, "parallel.tp=0 must be at least 1"),
     ({"model__num_kv_heads": 0}, 1, "model.num_kv_heads=0 must be at least 1"),
