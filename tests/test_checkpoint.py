@@ -192,6 +192,15 @@ def test_model_mismatch_is_refused(tmp_path, shard):
         other.init_weights_from(tmp_path / "src")
 
 
+def test_vocabulary_mismatch_is_refused_not_padded(tmp_path, shard):
+    """A smaller vocabulary is not zero-padded into a larger model's real rows (padding is for padding rows only)."""
+    make_trainer(*shard, tmp_path / "src", 1).fit()
+    cfg = tiny_config(*shard)
+    cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by = 300, 64
+    with pytest.raises(CheckpointError, match="257 vocabulary rows there, the model 300"):
+        Trainer(cfg, SINGLE, tmp_path / "dst").init_weights_from(tmp_path / "src")
+
+
 def test_latest_naming_a_lost_step_falls_back_to_the_newest_complete_one(tmp_path, shard, capsys):
     """`latest` pointing at a deleted step directory resumes from the newest complete checkpoint, with a warning."""
     make_trainer(*shard, tmp_path, 4, save_interval=2, keep_last=0).fit()

@@ -1,9 +1,9 @@
 """Checkpoints in the tensor-parallel layout: bit-exact resume, and weights that move between layouts.
 
 One launch of 4 gloo ranks (TP2 x DP2, sequence parallel, dropout on) covers: crash and resume == uninterrupted;
-its checkpoint merged into one single-device model gives the TP model's loss; a single-process checkpoint loaded
-into the TP2 model by `train.init_from` gives the same split weights as training from the same seed; resuming
-with another TP size is refused with a clear message.
+its checkpoint merged into one single-device model gives the TP model's loss, and exported to transformers gives
+that model's logits; a single-process checkpoint loaded into the TP2 model by `train.init_from` gathers back to
+exactly the saved weights; resuming with another TP size is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from engine.config import fill_defaults, validate
 from engine.inference import load_for_inference
+from engine.model.hf import export_checkpoint
 from engine.parallel.state import ParallelState, init_parallel
 from engine.training.checkpoint import CheckpointError, latest_checkpoint
 from engine.training.trainer import Trainer, get_batch
@@ -88,6 +89,13 @@ def test_tensor_parallel_checkpoints(tmp_path, shard):
     # The TP run's checkpoint as one single-device model (as generate and export load it).
     merged, _, meta = load_for_inference(tmp_path / "full")
     assert meta["tp"] == 2 and merged.tok_emb.weight.shape[0] == merged.cfg.vocab_size  # padding dropped
+    export_checkpoint(tmp_path / "full", tmp_path / "hf")
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, merged.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, merged(tokens), rtol=1e-5, atol=1e-5)
     merged_trainer = make_trainer(*shard, tmp_path / "merged", 1, SINGLE)
     merged_trainer.model.load_state_dict(merged.state_dict())
     for rank, r in enumerate(per_rank):

@@ -3,22 +3,24 @@
 
 Each TP size runs in its own group of gloo ranks (NCCL on CUDA, one GPU per rank) building `GPT(cfg, tp_group,
 sequence_parallel)`: forward, backward, the TP gradient reductions, clipping by the global norm and AdamW on
-random tokens. Every collective of the TP mappings and the vocab-parallel loss is timed (on CUDA after a
-synchronize), so the table shows the share of the step spent communicating, per attention/MLP layer too. Prints
-numbers; asserts nothing.
+random tokens. The collectives of the TP mappings, the vocab-parallel loss and the partial-gradient reduction are
+timed (on CUDA between synchronizes), so the table shows the share of the step spent communicating, and per
+attention or MLP layer. Prints numbers; asserts nothing.
 
     python tools/bench_tp.py                         # CPU: TP 1, 2, 4 on the demo's model, SP off and on
-    python tools/bench_tp.py --device cuda --tp 1 2 4 8 --precision bf16 --model-preset gpt2_124m
+    python tools/bench_tp.py --device cuda --tp 1 2 4 --precision bf16 --model-preset gpt2_124m   # 4 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -31,10 +33,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from engine.config import Config, fill_defaults  # noqa: E402
+from engine.config import Config, fill_defaults, validate  # noqa: E402
 from engine.model import GPT  # noqa: E402
-from engine.parallel import layers, mappings  # noqa: E402
-from engine.parallel.layers import allreduce_partial_grads, grad_norm  # noqa: E402
+from engine.parallel import grads, layers, mappings  # noqa: E402
+from engine.parallel.grads import allreduce_partial_grads, grad_norm  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.trainer import autocast_factory  # noqa: E402
 
@@ -46,7 +48,7 @@ PRESETS = {  # (layers, hidden, heads, vocab)
 
 
 @contextmanager
-def timed_collectives(device: torch.device, totals: dict[str, float]):
+def timed_collectives(device: torch.device, totals: dict[str, float]) -> Iterator[None]:
     """Add the wall time of every TP collective (by kind) to `totals` while inside."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -63,11 +65,20 @@ def timed_collectives(device: torch.device, totals: dict[str, float]):
     with mock.patch.object(mappings, "_all_reduce", wrap("all_reduce", mappings._all_reduce)), \
             mock.patch.object(mappings, "_all_gather", wrap("all_gather", mappings._all_gather)), \
             mock.patch.object(mappings, "_reduce_scatter", wrap("reduce_scatter", mappings._reduce_scatter)), \
-            mock.patch.object(layers, "_tp_all_reduce", wrap("loss_all_reduce", layers._tp_all_reduce)):
+            mock.patch.object(layers, "_tp_all_reduce", wrap("loss_all_reduce", layers._tp_all_reduce)), \
+            mock.patch.object(grads, "_allreduce_flat", wrap("partial_grads", grads._allreduce_flat)):
         yield
 
 
-def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results) -> None:
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results: dict) -> None:
+    """One rank of a TP group: time `args.steps` training steps; rank 0 stores the medians in `results`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(tp),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, args.threads // tp))
@@ -80,7 +91,10 @@ def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results) -> 
     cfg = Config()
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads = num_layers, hidden, heads
     cfg.model.vocab_size, cfg.model.max_seq_len = vocab, args.seq_len
-    m = fill_defaults(cfg, tp).model
+    cfg.parallel.tp, cfg.train.seq_len, cfg.parallel.sequence_parallel = tp, args.seq_len, args.sp
+    fill_defaults(cfg, tp)
+    validate(cfg, tp)
+    m = cfg.model
     torch.manual_seed(0)
     model = GPT(m, state.tp_group, args.sp).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -117,6 +131,7 @@ def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results) -> 
 
 
 def main() -> int:
+    """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP sizes to run (default 1 2 4)")
     p.add_argument("--sp", choices=["off", "on", "both"], default="both", help="sequence parallelism")
@@ -138,13 +153,14 @@ def main() -> int:
     for tp in args.tp:
         for sp in (sps if tp > 1 else [False]):
             args.sp = sp
-            port = 29500 + 7 * tp + sp
-            mp.start_processes(worker, args=(tp, port, args, results), nprocs=tp, start_method="spawn")
+            mp.start_processes(worker, args=(tp, free_port(), args, results), nprocs=tp, start_method="spawn")
             r = results[(tp, sp)]
             comm = sum(r["comm"].values())
             kinds = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in sorted(r["comm"].items()))
-            # The mappings' collectives come in 2 per layer (attention, MLP) plus one pair for embedding and output.
-            per_region = 1e3 * (comm - r["comm"].get("loss_all_reduce", 0.0)) / (2 * num_layers + 1)
+            # The mappings' collectives: per attention or MLP layer one each way (SP: two each way), and the
+            # embedding and output layer together as many again as one layer, so 2L + 1 layers' worth.
+            layer_comm = comm - r["comm"].get("loss_all_reduce", 0.0) - r["comm"].get("partial_grads", 0.0)
+            per_region = 1e3 * layer_comm / (2 * num_layers + 1)
             print(f"tp {tp} sp {'on ' if sp else 'off'}: {1e3 * r['step_s']:7.1f} ms/step, "
                   f"{r['tokens_per_s']:8.0f} tokens/s, params on rank 0 {r['params_rank0']:,}"
                   + (f"; communication {100 * comm / r['step_s']:.0f}% of the step ({kinds}; "

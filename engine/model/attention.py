@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -53,6 +54,10 @@ class Attention(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         bias = cfg.arch == "gpt2"
         tp = tp_size(group)
+        if cfg.num_heads % tp or (cfg.num_kv_heads % tp and tp % cfg.num_kv_heads):
+            raise ValueError(f"{cfg.num_heads} heads and {cfg.num_kv_heads} KV heads do not split across {tp} "
+                             "tensor-parallel ranks: TP must divide the heads, and divide or be a multiple of the "
+                             "KV heads")
         self.head_dim = cfg.hidden_size // cfg.num_heads
         kv_size = cfg.num_kv_heads * self.head_dim
         column = {"bias": bias, "sequence_parallel": sequence_parallel, "input_mapped": True, "init_method": init}
@@ -83,11 +88,8 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         # -1 heads: the local head count, so a tensor-parallel shard runs the same code.
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
-        if self.kv_head is not None:
-            k = k[:, :, self.kv_head : self.kv_head + 1]
-            v = v[:, :, self.kv_head : self.kv_head + 1]
+        k = self._project_kv(self.k_proj, x).view(b, s, -1, self.head_dim)
+        v = self._project_kv(self.v_proj, x).view(b, s, -1, self.head_dim)
         if rope is not None:
             q, k = kernels.apply_rotary(q, *rope), kernels.apply_rotary(k, *rope)
         if cache is not None:
@@ -98,6 +100,13 @@ class Attention(nn.Module):
         else:
             out = kernels.attention(q, k, v)
         return self.o_proj(out.reshape(b, s, -1))
+
+    def _project_kv(self, proj: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
+        """K or V of this rank's heads; from replicated K/V weights, only the rows of the head it uses."""
+        if self.kv_head is None:
+            return proj(x)
+        rows = slice(self.kv_head * self.head_dim, (self.kv_head + 1) * self.head_dim)
+        return F.linear(x, proj.weight[rows], proj.bias[rows] if proj.bias is not None else None)
 
     @staticmethod
     def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -119,7 +119,7 @@ class GPT(nn.Module):
         self.norm = make_norm(cfg, sp)
         # A tied head's own weight is replaced at once: not worth a draw from the RNG stream.
         head_init = nn.init.zeros_ if cfg.tie_embeddings else init
-        self.head = VocabParallelOutput(cfg.hidden_size, cfg.vocab_size, tp_group, divisor, head_init, sp)
+        self.head = VocabParallelOutput(cfg.vocab_size, cfg.hidden_size, tp_group, divisor, head_init, sp)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 

@@ -8,7 +8,7 @@ compare against the unsplit layer directly. With `group=None` each layer is its 
 Parameters carry how they are laid out across the TP group, for checkpoints, gradient clipping and the gradient
 reduction below:
     tp_dim            the dimension a sharded parameter is split along (absent: replicated)
-    tp_vocab          its rows are this rank's slice of the padded vocabulary
+    tp_vocab          its rows are this rank's slice of the padded vocabulary (the value: the real vocabulary size)
     tp_partial_grad   replicated, but each rank's gradient covers only its part of the work (its sequence chunk,
                       its query heads): the true gradient is the sum over the TP group
 With sequence parallelism (`sequence_parallel=True`) the activations between the TP regions are split along the
@@ -18,7 +18,7 @@ sequence (dim 1): column layers all-gather their input, row layers reduce-scatte
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -169,7 +169,7 @@ class _VocabShard(nn.Module):
         master = torch.zeros(self.padded_vocab, embedding_dim)
         (init_method or nn.init.normal_)(master[:num_embeddings])  # nn.Embedding's normal(0, 1) by default
         self.weight = _shard(master, 0, rank, world)
-        self.weight.tp_vocab = True
+        self.weight.tp_vocab = num_embeddings
 
 
 class VocabParallelEmbedding(_VocabShard):
@@ -200,7 +200,7 @@ class VocabParallelOutput(_VocabShard):
     same way); the loss is `vocab_parallel_cross_entropy` on the slice, so the full logits never exist on one rank.
     """
 
-    def __init__(self, embedding_dim: int, num_embeddings: int, group: dist.ProcessGroup | None = None,
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup | None = None,
                  divisor: int = 1, init_method: InitMethod | None = None, sequence_parallel: bool = False):
         super().__init__(num_embeddings, embedding_dim, group, divisor, init_method)
         self.sequence_parallel = sequence_parallel
@@ -271,29 +271,3 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tens
     """
     limit = math.inf if vocab_size is None else vocab_size
     return _VocabParallelCrossEntropy.apply(logits_shard, targets, group, vocab_start, limit, ignore_index)
-
-
-def allreduce_partial_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -> None:
-    """Sum the gradients of `tp_partial_grad` parameters over the TP group, in one flat all-reduce."""
-    grads = [p.grad for p in params if getattr(p, "tp_partial_grad", False) and p.grad is not None]
-    if tp_size(group) == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """The global L2 norm of the gradients: shards summed over the TP group, replicated parameters counted once."""
-    sharded, replicated = [], []
-    for p in params:
-        if p.grad is not None:
-            (sharded if hasattr(p, "tp_dim") else replicated).append(p.grad.detach().float().square().sum())
-    device = next(iter(sharded + replicated)).device
-    sq_sharded = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
-    _tp_all_reduce(sq_sharded, group)
-    sq_replicated = torch.stack(replicated).sum() if replicated else torch.zeros((), device=device)
-    return (sq_sharded + sq_replicated).sqrt()

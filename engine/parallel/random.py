@@ -8,7 +8,8 @@ mask on every chunk; `RankLocalDropout` draws those masks from a per-TP-rank str
 That stream is not a generator state of its own to carry around: each call seeds a fresh generator from one draw
 of the default stream (the same draw on every TP rank) mixed with the TP rank. So it is reproduced by whatever
 reproduces the default stream: activation recomputation (torch.utils.checkpoint restores the default state before
-re-running) and checkpoint/resume (which saves the default state) need nothing extra.
+re-running) and checkpoint/resume (which saves the default state) need nothing extra. The seed's `.item()` is a
+graph break under `train.compile`, once per dropout; SP runs with dropout 0 (the usual for pretraining) skip it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class RankLocalDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         generator = rank_generator(x.device, tp_rank(self.group))
-        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=generator)
-        return x * keep / (1.0 - self.p)
+        # A bool mask: what autograd keeps for backward is 1 byte per element, as for nn.Dropout.
+        keep = torch.rand(x.shape, device=x.device, generator=generator) >= self.p
+        return torch.where(keep, x / (1.0 - self.p), 0.0)
 
     def extra_repr(self) -> str:
         """Shown by print(model)."""

@@ -275,26 +275,44 @@ def load_full_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(path: Path, model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Copy a checkpoint's parameters into `model` (split over TP `group`), checking every name and shape."""
+    """Copy a checkpoint's parameters into `model` (split over TP `group`), checking every name and shape.
+
+    A checkpoint of this very layout is read shard by shard; any other is merged whole and split again (every
+    rank then reads every shard: host memory for the whole model, per rank).
+    """
+    meta = read_meta(path)
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    own = path / f"model-pp00-tp{rank:02d}.safetensors"
+    if meta.get("tp", 1) == world and meta.get("pp", 1) == 1 and own.exists():
+        tensors = _load_tensors(own)
+        params = dict(model.named_parameters())
+        if tensors.keys() == params.keys() and all(tensors[n].shape == p.shape for n, p in params.items()):
+            copy_weights(model, tensors, str(path), source_is_full=False)
+            return
     copy_weights(model, load_full_weights(path), str(path), group)
 
 
-def _local_part(full: torch.Tensor, p: torch.nn.Parameter, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _local_part(full: torch.Tensor, p: torch.nn.Parameter, name: str, group: dist.ProcessGroup | None,
+                source: str) -> torch.Tensor:
     """This rank's part of an unsplit, unpadded tensor for parameter `p`: padded with zero rows, then sliced."""
     world = dist.get_world_size(group) if group is not None else 1
-    if getattr(p, "tp_vocab", False) and full.shape[0] < p.shape[0] * world:
-        full = torch.cat([full, full.new_zeros(p.shape[0] * world - full.shape[0], *full.shape[1:])])
+    vocab = getattr(p, "tp_vocab", None)
+    if vocab is not None:
+        if full.shape[0] != vocab:  # never pad real tokens' rows with zeros
+            raise CheckpointError(f"{source}: {name} has {full.shape[0]} vocabulary rows there, the model "
+                                  f"{vocab} (model.vocab_size)")
+        full = torch.cat([full, full.new_zeros(p.shape[0] * world - vocab, *full.shape[1:])])
     if hasattr(p, "tp_dim"):
         full = full.chunk(world, dim=p.tp_dim)[dist.get_rank(group)]
     return full
 
 
 def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                 group: dist.ProcessGroup | None = None, split: bool = True) -> None:
+                 group: dist.ProcessGroup | None = None, source_is_full: bool = True) -> None:
     """Copy `tensors` (by our parameter names) into `model`; every name and shape must match.
 
-    split: the tensors are unsplit and unpadded, and each rank takes its part for TP `group`; otherwise they are
-    this rank's own shards already (a resume in the same layout).
+    source_is_full: the tensors are the whole model, unsplit and unpadded, and each rank takes its part for TP
+    `group`; otherwise they are this rank's own shards already (a checkpoint of the same layout).
     """
     params = dict(model.named_parameters())
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
@@ -303,10 +321,12 @@ def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
                               f"{unexpected[:5]}); is the model configuration the one the weights were saved with?")
     with torch.no_grad():
         for name, p in params.items():
-            local = _local_part(tensors[name], p, group) if split else tensors[name]
+            local = _local_part(tensors[name], p, name, group, source) if source_is_full else tensors[name]
             if local.shape != p.shape:
+                hint = (" (vocabulary padding: is model.make_vocab_size_divisible_by the checkpoint's?)"
+                        if hasattr(p, "tp_vocab") else "")
                 raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)} there, which does "
-                                      f"not give this rank's {tuple(p.shape)}")
+                                      f"not give this rank's {tuple(p.shape)}{hint}")
             p.copy_(local)
 
 
@@ -325,7 +345,7 @@ def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
                               f"pp={state.pp}. Resuming needs the same layout (optimizer state is split like the "
                               "weights); train.init_from takes the weights alone into any layout")
     tag = _shard_tag(state)
-    copy_weights(model, _load_tensors(path / f"model-{tag}.safetensors"), str(path), split=False)
+    copy_weights(model, _load_tensors(path / f"model-{tag}.safetensors"), str(path), source_is_full=False)
     _load_optimizer(path / f"optimizer-{tag}.safetensors", meta["optimizer_groups"], model, optimizer)
     rng = path / f"rng-rank{state.rank:05d}.safetensors"
     if meta["world_size"] == state.world_size:

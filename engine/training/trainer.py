@@ -24,7 +24,7 @@ from engine.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.parallel.data_parallel import GradientAllReduce
-from engine.parallel.layers import allreduce_partial_grads, grad_norm
+from engine.parallel.grads import allreduce_partial_grads, grad_norm
 from engine.parallel.state import ParallelState
 from engine.training.checkpoint import (
     copy_weights,
@@ -130,8 +130,10 @@ class Trainer:
         return {"loss": loss, "lr": lr, "grad_norm": norm}
 
     def compute_gradients(self) -> float:
-        """Forward and backward over this step's micro-batches; leaves every gradient complete (reduced over DP
-        and, for partial ones, TP; unscaled) and returns the global batch's mean loss."""
+        """Forward and backward over this step's micro-batches, gradients completed; returns the mean loss.
+
+        Afterwards every gradient is whole: averaged over DP, partial ones summed over TP, the loss scale removed.
+        """
         batches = self.micro_batches(self.train_data, self.train_sampler, self.consumed_samples)
         self.model.train()
         scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
