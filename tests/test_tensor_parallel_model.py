@@ -1,5 +1,6 @@
-"""The tensor-parallel model trained by the real Trainer equals the single-process run: per-step losses, gradient
-norms, evaluation, and every parameter's gradient after step 1 (gathered over the TP group, padding dropped).
+"""The tensor-parallel model trained by the real Trainer equals the single-process run: the initial weights exactly,
+per-step losses, gradient norms, evaluation, and every parameter's gradient after step 1 (gathered over the TP
+group, padding dropped).
 
 Cases are grouped so that one launch of 2 or 4 gloo ranks runs several of them (starting ranks dominates the
 cost). `make test` runs a representative subset; `make test-slow` the whole matrix: TP 2 and 4, TP2 x DP2,
@@ -74,8 +75,9 @@ def run_case(case: Case, shard: str, cache: str, run_dir: str, state: ParallelSt
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, state, run_dir)
     params_rank0 = sum(p.numel() for p in trainer.model.parameters())
-    first_loss = trainer.compute_gradients()
     vocab = cfg.model.vocab_size
+    initial = {n: unsplit(p, p, state.tp_group, vocab) for n, p in trainer.model.named_parameters()}
+    first_loss = trainer.compute_gradients()
     grads = {n: unsplit(p.grad, p, state.tp_group, vocab) for n, p in trainer.model.named_parameters()}
     _, first_norm = trainer.apply_gradients()
     losses, norms = [first_loss], [first_norm]
@@ -84,7 +86,7 @@ def run_case(case: Case, shard: str, cache: str, run_dir: str, state: ParallelSt
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
     return {"losses": losses, "norms": norms, "val": trainer.evaluate()["val_loss"], "grads": grads,
-            "params_rank0": params_rank0}
+            "initial": initial, "params_rank0": params_rank0}
 
 
 def rank_cases(rank: int, world_size: int, cases: list[Case], shard: str, cache: str, run_dir: str) -> list[dict]:
@@ -121,6 +123,8 @@ def compare(cases: list[Case], world: int, shard, tmp_path) -> None:
             np.testing.assert_allclose(got["losses"], ref["losses"], rtol=LOSS_RTOL, err_msg=msg)
             np.testing.assert_allclose(got["norms"], ref["norms"], rtol=LOSS_RTOL, err_msg=msg)
             np.testing.assert_allclose(got["val"], ref["val"], rtol=LOSS_RTOL, err_msg=msg)
+            for name, w in ref["initial"].items():  # the same full weights from the same seed, exactly
+                assert torch.equal(got["initial"][name], w), f"{msg}, initial {name}"
             assert got["grads"].keys() == ref["grads"].keys()
             for name, g in ref["grads"].items():
                 where = f"{msg}, {name}"
