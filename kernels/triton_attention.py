@@ -61,32 +61,46 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
 
 
 @triton.jit
+def _query_block(n_heads, group, seq_q, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's (batch x head index, batch, head, KV head, query rows, head-dim columns, valid rows)."""
+    bh = tl.program_id(1)
+    h = bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return bh, (bh // n_heads).to(tl.int64), h, h // group, offs_m, tl.arange(0, HEAD_DIM), offs_m < seq_q
+
+
+@triton.jit
+def _load_rows(BASE, b, h, offs_m, offs_d, ok, s_b, s_s, s_h):
+    """The (rows, head_dim) tile of a (batch, seq, heads, head_dim) tensor at batch b, head h; invalid rows 0."""
+    return tl.load(BASE + b * s_b + h * s_h + offs_m[:, None] * s_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _key_bounds(start_m, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_end, end): key blocks [0, full_end) need no mask (whole, inside seq_k and, causal, left of this query
+    block); [full_end, end) are masked (the diagonal and the ragged last block). BLOCK_M is a multiple of BLOCK_N."""
+    full_end = (seq_k // BLOCK_N) * BLOCK_N
+    end = seq_k
+    if CAUSAL:
+        full_end = tl.minimum(start_m, full_end)
+        end = tl.minimum(start_m + BLOCK_M, seq_k)
+    return full_end, end
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, OUT, LSE, seq_q, seq_k, n_heads, group, qk_scale,
               sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_s, so_h,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    kvh = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ok = offs_m < seq_q
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    bh, b, h, kvh, offs_m, offs_d, q_ok = _query_block(n_heads, group, seq_q, BLOCK_M, HEAD_DIM)
+    q = _load_rows(Q, b, h, offs_m, offs_d, q_ok, sq_b, sq_s, sq_h)
     k_base = K + b * sk_b + kvh * sk_h
     v_base = V + b * sv_b + kvh * sv_h
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    # Key blocks [0, full_end) need no mask: whole blocks, inside seq_k, and (causal) left of this query block.
-    # [full_end, end) is masked: the diagonal and the ragged last block. BLOCK_M is a multiple of BLOCK_N.
-    full_end = (seq_k // BLOCK_N) * BLOCK_N
-    end = seq_k
-    if CAUSAL:
-        full_end = tl.minimum(start_m, full_end)
-        end = tl.minimum(start_m + BLOCK_M, seq_k)
+    full_end, end = _key_bounds(tl.program_id(0) * BLOCK_M, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, 0, full_end, seq_k,
                                qk_scale, BLOCK_N, False, CAUSAL, UPCAST, PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, full_end, end, seq_k,
@@ -102,15 +116,9 @@ def _attn_fwd(Q, K, V, OUT, LSE, seq_q, seq_k, n_heads, group, qk_scale,
 def _attn_bwd_delta(OUT, DO, DELTA, seq_q, n_heads, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d O_id dO_id = sum_j P_ij dP_ij: the softmax backward's row term, computed once.
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m < seq_q
-    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=ok[:, None],
-                 other=0.0)
+    bh, b, h, _, offs_m, offs_d, ok = _query_block(n_heads, 1, seq_q, BLOCK_M, HEAD_DIM)
+    o = _load_rows(OUT, b, h, offs_m, offs_d, ok, so_b, so_s, so_h)
+    do = _load_rows(DO, b, h, offs_m, offs_d, ok, sdo_b, sdo_s, sdo_h)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * seq_q + offs_m, delta, mask=ok)
 
@@ -211,27 +219,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, seq_q, seq_k, n_heads, group, qk_s
                  sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_s, sdq_h,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    kvh = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ok = offs_m < seq_q
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :], mask=q_ok[:, None],
-                 other=0.0)
+    bh, b, h, kvh, offs_m, offs_d, q_ok = _query_block(n_heads, group, seq_q, BLOCK_M, HEAD_DIM)
+    q = _load_rows(Q, b, h, offs_m, offs_d, q_ok, sq_b, sq_s, sq_h)
+    do = _load_rows(DO, b, h, offs_m, offs_d, q_ok, sdo_b, sdo_s, sdo_h)
     lse = tl.load(LSE + bh.to(tl.int64) * seq_q + offs_m, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=q_ok, other=0.0)
     k_base = K + b * sk_b + kvh * sk_h
     v_base = V + b * sv_b + kvh * sv_h
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    full_end = (seq_k // BLOCK_N) * BLOCK_N  # same split as the forward
-    end = seq_k
-    if CAUSAL:
-        full_end = tl.minimum(start_m, full_end)
-        end = tl.minimum(start_m + BLOCK_M, seq_k)
+    full_end, end = _key_bounds(tl.program_id(0) * BLOCK_M, seq_k, BLOCK_M, BLOCK_N, CAUSAL)  # as the forward
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, 0, full_end, seq_k,
                        qk_scale, BLOCK_N, False, CAUSAL, UPCAST, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, full_end, end, seq_k,

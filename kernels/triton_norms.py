@@ -17,11 +17,17 @@ from kernels.triton_common import flat_rows, reduction_programs, row_tile
 
 
 @triton.jit
-def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _tile(rows, n_rows, n_cols, BLOCK_N: tl.constexpr):
+    """Columns, mask and flat offsets of the (rows, BLOCK_N) tile of a (n_rows, n_cols) matrix."""
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]  # int64: rows * cols can pass 2^31
+    return cols, mask, rows.to(tl.int64)[:, None] * n_cols + cols[None, :]  # int64: rows * cols can pass 2^31
+
+
+@triton.jit
+def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols, mask, offs = _tile(rows, n_rows, n_cols, BLOCK_N)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
@@ -38,8 +44,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, BLOCK_M: tl.co
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(tl.program_id(0) * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        _, mask, offs = _tile(rows, n_rows, n_cols, BLOCK_N)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
@@ -55,9 +60,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, BLOCK_M: tl.co
 @triton.jit
 def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    cols, mask, offs = _tile(rows, n_rows, n_cols, BLOCK_N)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     # Two passes over the registers (mean, then centred squares): no E[x^2] - E[x]^2 cancellation.
@@ -80,8 +83,7 @@ def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, n_rows, n_
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(tl.program_id(0) * BLOCK_M, n_rows, tl.num_programs(0) * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        _, mask, offs = _tile(rows, n_rows, n_cols, BLOCK_N)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=rows < n_rows, other=0.0)
