@@ -93,19 +93,26 @@ def test_multirun_sweep_gets_one_directory_per_job(tmp_path, shard):
     assert [next(m for m in metrics(job) if "lr" in m)["lr"] for job in jobs] == [1e-3, 2e-3]  # end of warmup
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path, shard):
-    """torchrun with 2 gloo ranks (env://) logs the single process's losses (rtol 1e-5), from one rank."""
+@pytest.mark.parametrize("layout", [["parallel=dp2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]],
+                         ids=["dp2", "tp2-sp"])
+def test_torchrun_two_ranks_match_one_process(tmp_path, shard, layout):
+    """torchrun with 2 gloo ranks (env://), data or tensor parallel, logs the single process's losses (rtol 1e-5),
+    from one rank."""
     common = [*TINY, f"data.prefix={shard}", f"data.cache_dir={tmp_path / 'cache'}"]
     r1 = train([*common, f"train.run_dir={tmp_path / 'one'}"], tmp_path)
     assert r1.returncode == 0, r1.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    r2 = train([*common, "parallel=dp2", f"train.run_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
+    r2 = train([*common, *layout, f"train.run_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
     assert r2.returncode == 0, r2.stderr
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     np.testing.assert_allclose([m["loss"] for m in two if "loss" in m], [m["loss"] for m in one if "loss" in m],
                                rtol=1e-5)
     assert r2.stdout.count("step      2 |") == 1  # one logging rank
-    assert json.loads((tmp_path / "two" / "run_info.json").read_text())["dp"] == 2
+    info = json.loads((tmp_path / "two" / "run_info.json").read_text())
+    tp = 2 if "parallel.tp=2" in layout else 1
+    assert (info["dp"], info["tp"]) == (2 // tp, tp)
+    if tp == 2:  # rank 0 holds its half of the matrices (plus replicated norms, biases, positions)
+        assert info["parameters_rank0"] < 0.6 * info["parameters"]
 
 
 def test_resume_appends_and_rolls_back_redone_steps(tmp_path, shard):
