@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import multiprocessing as mp
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from engine.data.index_cache import cached_arrays
 
@@ -56,3 +59,13 @@ def test_description_keys_the_entry(tmp_path):
     b = cached_arrays(tmp_path, "t", {"seed": 2}, ("a",), lambda: {"a": np.ones(2)})
     c = cached_arrays(tmp_path, "t", {"seed": 1}, ("a",), lambda: {"a": np.full(2, 7.0)})
     assert a["a"].tolist() == [0, 0] and b["a"].tolist() == [1, 1] and c["a"].tolist() == [0, 0]
+
+
+def test_file_system_without_flock_gives_a_clear_error(tmp_path, monkeypatch):
+    """A cache on a file system that refuses flock (Lustre mounted noflock) names the fix, not a bare errno."""
+    def refuse(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(OSError, match=r"set data\.cache_dir to a node-local directory"):
+        cached_arrays(tmp_path, "t", {"k": 1}, ("a",), lambda: {"a": np.zeros(2)})

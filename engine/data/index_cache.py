@@ -65,7 +65,11 @@ def cached_arrays(
     for attempt in range(2):
         if not done.exists():
             with open(cache / f"{key}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # others block here until the builder is finished
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # others block here until the builder is finished
+                except OSError as e:  # e.g. a Lustre client mounted with noflock
+                    raise OSError(f"cannot lock the index cache {cache} ({e.strerror}); its file system does not "
+                                  "support flock: set data.cache_dir to a node-local directory") from e
                 if not done.exists():
                     if log:
                         log(f"building {kind} indices in {cache} ({key})")
