@@ -20,7 +20,7 @@ TRAIN_DEMO = OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-nod
 	$(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sequence_parallel=$(SP)) \
 	train.run_dir=$(1) train.resume=none logging.wandb=true logging.wandb_mode=offline $(ARGS)
 
-.PHONY: help venv test test-slow lint demo demo-tp bench clean
+.PHONY: help venv test test-slow lint demo demo-tp bench gpu-check clean
 
 help:
 	@echo "make demo       built-in corpus -> tokenizer -> shards -> a small GPT trained by $(RANKS) CPU ranks, in $(RUN)/"
@@ -28,6 +28,7 @@ help:
 	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
 	@echo "make test-slow  the full matrices and long fault trials"
 	@echo "make bench      data pipeline, training step, checkpoint and (on CUDA) kernel benchmarks"
+	@echo "make gpu-check  on a CUDA machine: kernel tests compiled, kernel benchmark, 124M/1B end to end (runs/gpu/)"
 	@echo "make clean      remove $(VENV) and runs/"
 
 $(STAMP): setup.py constraints.txt
@@ -73,6 +74,20 @@ demo-tp: $(STAMP)
 	@test -f $(RUN)/train/metrics.jsonl || $(MAKE) demo
 	$(call TRAIN_DEMO,$(RUN)_tp2/train) parallel=tp2
 	$(PY) tools/compare_runs.py $(RUN)_tp2/train $(RUN)/train --rtol 5e-3
+
+# Everything only a GPU can show, in the order worth spending a short GPU lease on; outputs in runs/gpu/ for
+# docs/results.md. Needs a CUDA build of torch in the venv (see README: TORCH=...).
+GPU_OUT ?= runs/gpu
+gpu-check: SHELL := /bin/bash
+gpu-check: .SHELLFLAGS := -o pipefail -c
+gpu-check: $(STAMP)
+	mkdir -p $(GPU_OUT)
+	$(PY) -m pytest -q -m gpu tests/test_kernels_triton.py 2>&1 | tee $(GPU_OUT)/kernel_tests.txt
+	$(PY) tools/bench_kernels.py 2>&1 | tee $(GPU_OUT)/bench_kernels.txt
+	$(PY) tools/bench_train.py --device cuda --precision bf16 --model gpt2_124m --seq-len 1024 --batch 16 \
+		--vocab 50304 --kernels torch triton 2>&1 | tee $(GPU_OUT)/bench_train_124m.txt
+	$(PY) tools/bench_train.py --device cuda --precision bf16 --model llama_1b --seq-len 2048 --batch 4 \
+		--vocab 32000 --kernels torch triton 2>&1 | tee $(GPU_OUT)/bench_train_1b.txt
 
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench

@@ -8,6 +8,10 @@ ratio is the whole framework's overhead. Prints numbers; asserts nothing.
 
     python tools/bench_train.py                    # CPU, fp32, 2 threads
     python tools/bench_train.py --device cuda --precision bf16 --model gpt2_124m
+    python tools/bench_train.py --device cuda --precision bf16 --model gpt2_124m --seq-len 1024 --kernels torch triton
+
+--kernels runs our step once per kernel choice (torch: PyTorch references + SDPA; triton: the Triton kernels and
+attention; auto: what a run picks by default), interleaved, and reports each one's peak memory on CUDA.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+import kernels  # noqa: E402
 from engine.config import Config, fill_defaults, validate  # noqa: E402
 from engine.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 from engine.parallel.state import ParallelState  # noqa: E402
@@ -89,6 +94,29 @@ def time_interleaved(steps: dict, warmup: int, rounds: int, per_round: int, sync
     return times
 
 
+# --kernels choice -> (kernels.backend, kernels.attention)
+KERNEL_CHOICES = {"auto": ("auto", "auto"), "torch": ("torch", "sdpa"), "triton": ("triton", "triton")}
+
+
+def kernel_step(trainer: Trainer, backend: str, attention: str):
+    """The trainer's step under one kernel choice (the dispatch is process-wide, so set it before each step)."""
+    def step():
+        kernels.configure(backend, attention)
+        trainer.train_step()
+    return step
+
+
+def peak_step_memory_gib(step, device: torch.device) -> float | None:
+    """Peak CUDA memory allocated during one more call of `step` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def plain_gpt_step(args, device: torch.device, params: int):
     """One training step of the plain reference: forward, backward, clip, AdamW, zero grads."""
     torch.manual_seed(0)
@@ -123,6 +151,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kernels", nargs="+", choices=sorted(KERNEL_CHOICES), default=["auto"],
+                   help="kernel choices to time our step with (default: auto)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -149,30 +179,36 @@ def main() -> int:
         cfg.logging.console = False
         fill_defaults(cfg, 1)
         validate(cfg, 1)
-        trainer = Trainer(cfg, ParallelState(1, 1, 1, 0, device), tmp)
+        steps = {}
+        for choice in args.kernels:
+            trainer = Trainer(cfg, ParallelState(1, 1, 1, 0, device), tmp)
+            name = "weft Trainer.train_step" + (f" ({choice})" if len(args.kernels) > 1 else "")
+            steps[name] = kernel_step(trainer, *KERNEL_CHOICES[choice])
         flops = trainer.flops_per_token
         params = sum(q.numel() for q in trainer.model.parameters())
-        steps = {"weft Trainer.train_step": trainer.train_step}
         if arch == "gpt2":
             steps["plain PyTorch GPT (same shape)"] = plain_gpt_step(args, device, params)
         results = time_interleaved(steps, args.warmup, rounds, 5, sync)
+        peaks = {name: peak_step_memory_gib(step, device) for name, step in steps.items()}
 
     peak = peak_tflops(device, args.precision)
     print(f"# training-step benchmark, {time.strftime('%Y-%m-%d')}, {device_name(device)}, torch {torch.__version__}, "
           f"{args.threads} threads")
     print(f"model {args.model} ({arch}, {layers} layers, hidden {h}, {params:,} parameters), batch {args.batch} x "
           f"seq {args.seq_len}, {args.precision}, median of {args.steps} steps each, in alternating rounds of 5")
-    print(f"{'':34s} {'ms/step':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    print(f"{'':34s} {'ms/step':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}")
     medians = {}
     for name, times in results.items():
         med = statistics.median(times)
         medians[name] = med
         tps = tokens_per_step / med
         u = mfu(flops, tps, peak)
+        mem = "n/a" if peaks[name] is None else f"{peaks[name]:.2f}"
         print(f"{name:34s} {med * 1e3:9.1f} {tps:10,.0f} {flops * tps / 1e12:8.3f} "
-              f"{'n/a' if u is None else f'{100 * u:5.1f}%':>6s}")
-    if len(medians) == 2:
-        ours_t, plain_t = medians.values()
+              f"{'n/a' if u is None else f'{100 * u:5.1f}%':>6s} {mem:>9s}")
+    plain_t = medians.get("plain PyTorch GPT (same shape)")
+    if plain_t is not None and len(medians) == 2:
+        ours_t = next(t for name, t in medians.items() if name.startswith("weft"))
         print(f"overhead of weft vs plain PyTorch: {100 * (ours_t / plain_t - 1):+.1f}% per step "
               f"(goal: at most +5%)")
     return 0 if all(math.isfinite(v) for v in medians.values()) else 1
