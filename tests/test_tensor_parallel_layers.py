@@ -12,13 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.parallel import mappings
-from engine.parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    padded_vocab_size,
-    vocab_parallel_cross_entropy,
-)
+from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
+from engine.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, padded_vocab_size
 from engine.parallel.state import init_parallel
 from tests.distributed import run_checks
 

@@ -35,7 +35,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from engine.config import Config, fill_defaults, validate  # noqa: E402
 from engine.model import GPT  # noqa: E402
-from engine.parallel import grads, layers, mappings  # noqa: E402
+from engine.parallel import cross_entropy, grads, mappings  # noqa: E402
 from engine.parallel.grads import allreduce_partial_grads, grad_norm  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.trainer import autocast_factory  # noqa: E402
@@ -65,7 +65,7 @@ def timed_collectives(device: torch.device, totals: dict[str, float]) -> Iterato
     with mock.patch.object(mappings, "_all_reduce", wrap("all_reduce", mappings._all_reduce)), \
             mock.patch.object(mappings, "_all_gather", wrap("all_gather", mappings._all_gather)), \
             mock.patch.object(mappings, "_reduce_scatter", wrap("reduce_scatter", mappings._reduce_scatter)), \
-            mock.patch.object(layers, "_tp_all_reduce", wrap("loss_all_reduce", layers._tp_all_reduce)), \
+            mock.patch.object(cross_entropy, "_tp_all_reduce", wrap("loss_all_reduce", cross_entropy._tp_all_reduce)), \
             mock.patch.object(grads, "_allreduce_flat", wrap("partial_grads", grads._allreduce_flat)):
         yield
 

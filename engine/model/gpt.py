@@ -19,12 +19,8 @@ import kernels
 from engine.config import ModelConfig
 from engine.model.attention import Attention, KVCache
 from engine.model.mlp import MLP
-from engine.parallel.layers import (
-    VocabParallelEmbedding,
-    VocabParallelOutput,
-    mark_partial_grad,
-    vocab_parallel_cross_entropy,
-)
+from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
+from engine.parallel.layers import VocabParallelEmbedding, VocabParallelOutput, mark_partial_grad
 from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.random import RankLocalDropout
 
