@@ -157,6 +157,15 @@ def check_environment(config: Config) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
+def tp_placement_warning(tp: int, local_world_size: int | None) -> str | None:
+    """Why this launch's tensor-parallel groups would cross nodes (they are consecutive ranks), or None."""
+    if tp == 1 or local_world_size is None or local_world_size % tp == 0:
+        return None
+    return (f"parallel.tp={tp} but {local_world_size} processes per node: tensor-parallel groups are consecutive "
+            "ranks, so some span nodes and every layer's collectives cross the network; make the processes per "
+            "node a multiple of parallel.tp")
+
+
 def run_directory(config: Config) -> Path:
     """train.run_dir; in a Hydra multirun sweep, the job's own sub-directory of it."""
     hydra_cfg = HydraConfig.get()
@@ -176,6 +185,10 @@ def run(cfg: DictConfig) -> None:
             dry_run(config)
         return
     check_environment(config)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
+    if placement and rank == 0:
+        warnings.warn(placement, stacklevel=1)
     import torch.distributed as dist
 
     from engine.training.trainer import Trainer, run_info, write_json

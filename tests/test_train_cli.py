@@ -134,3 +134,13 @@ def test_resume_appends_and_rolls_back_redone_steps(tmp_path, shard):
     rolled_back = (run / "metrics.rolled_back.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in rolled_back[:2]] == [5, 6] and rolled_back[2] == '{"step": 7, "lo'
 
+
+
+def test_tensor_parallel_groups_crossing_nodes_are_warned_about():
+    """TP groups are consecutive ranks: fewer processes per node than a multiple of tp puts one across nodes."""
+    from engine.train import tp_placement_warning
+
+    assert tp_placement_warning(2, 8) is None and tp_placement_warning(8, 8) is None
+    assert tp_placement_warning(1, 3) is None and tp_placement_warning(4, None) is None  # no torchrun: one node
+    assert "parallel.tp=8 but 4 processes per node" in tp_placement_warning(8, 4)
+    assert "span nodes" in tp_placement_warning(4, 6)
