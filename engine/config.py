@@ -257,7 +257,8 @@ def validate(cfg: Config, world_size: int) -> None:
     dp = p.dp
     if dp is None:
         check(world_size % (p.tp * p.pp) == 0,
-              f"world size {world_size} is not divisible by parallel.tp={p.tp} x parallel.pp={p.pp}")
+              f"world size {world_size} is not divisible by parallel.tp={p.tp} x parallel.pp={p.pp}; launch a "
+              f"multiple of {p.tp * p.pp} processes")
     else:
         check(dp >= 1, f"parallel.dp={dp} must be at least 1")
         check(p.tp * p.pp * dp == world_size,

@@ -56,7 +56,7 @@ def to_config(cfg: DictConfig) -> Config:
 
 def dry_run(cfg: Config) -> None:
     """Print what the run would be - parameters, FLOPs per token, memory per rank - without allocating it."""
-    from engine.model.flops import count_parameters, flops_per_token
+    from engine.model.flops import count_parameters, flops_per_token, parameters_per_rank
     from engine.parallel.layers import padded_vocab_size
     from engine.training.memory import estimate_memory
 
@@ -70,7 +70,10 @@ def dry_run(cfg: Config) -> None:
     mem = estimate_memory(cfg)
     print("estimated memory per rank: " + ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in mem.items()))
     p = cfg.parallel
-    print(f"layout: tp {p.tp} x pp {p.pp} x dp {p.dp}; global batch {t.global_batch_size} = micro "
+    print(f"parameters per tensor-parallel rank: {parameters_per_rank(m, p.tp):,} (norms, row biases, positions and "
+          "K/V heads fewer than tp are whole on every rank)")
+    print(f"layout: tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} x dp {p.dp} = "
+          f"{p.tp * p.pp * p.dp} ranks; global batch {t.global_batch_size} = micro "
           f"{t.micro_batch_size} x accumulation {t.global_batch_size // (t.micro_batch_size * p.dp)} x dp {p.dp}")
 
 
@@ -124,7 +127,10 @@ def check_environment(config: Config) -> None:
     """What the configuration names must exist: the shards, the device, optional packages. Raises ConfigError."""
     errors = []
     try:
-        load_tokenizer(config.data.tokenizer, fast_backend=False)
+        tokenizer = load_tokenizer(config.data.tokenizer, fast_backend=False)
+        if config.model.vocab_size < tokenizer.vocab_size:
+            errors.append(f"model.vocab_size={config.model.vocab_size} is smaller than data.tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}): its ids would not fit; raise it or leave it unset")
     except TokenizerError as e:
         errors.append(f"data.tokenizer: {e}")
     try:
@@ -157,6 +163,24 @@ def check_environment(config: Config) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
+def check_resume_layout(config: Config) -> None:
+    """A run that will resume must have the checkpoint's tensor/pipeline layout: refused before anything is written."""
+    if config.train.resume != "auto":
+        return
+    run_dir = run_directory(config)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return
+    meta = read_meta(checkpoint)
+    p = config.parallel
+    if (meta["tp"], meta["pp"]) != (p.tp, p.pp):
+        raise ConfigError(
+            f"{run_dir} holds checkpoints saved with parallel.tp={meta['tp']}, parallel.pp={meta['pp']}, and "
+            f"train.resume=auto would continue them, but this run has parallel.tp={p.tp}, parallel.pp={p.pp}: resume "
+            f"with parallel.tp={meta['tp']} parallel.pp={meta['pp']}, or train into a new train.run_dir with "
+            f"train.init_from={checkpoint} (weights into any layout)")
+
+
 def tp_placement_warning(tp: int, local_world_size: int | None) -> str | None:
     """Why this launch's tensor-parallel groups would cross nodes (they are consecutive ranks), or None."""
     if tp == 1 or local_world_size is None or local_world_size % tp == 0:
@@ -178,6 +202,9 @@ def run(cfg: DictConfig) -> None:
     """Validate everything, then set up the mesh and train."""
     config = to_config(cfg)
     rank, world = world_from_env()
+    p = config.parallel
+    if config.train.dry_run and world == 1:  # plan the layout the configuration asks for, from one process
+        world = p.tp * p.pp * (p.dp or 1)
     fill_defaults(config, world, model_vocab_size(config))
     validate(config, world)
     if config.train.dry_run:
@@ -185,6 +212,7 @@ def run(cfg: DictConfig) -> None:
             dry_run(config)
         return
     check_environment(config)
+    check_resume_layout(config)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
     if placement and rank == 0:
@@ -193,7 +221,6 @@ def run(cfg: DictConfig) -> None:
 
     from engine.training.trainer import Trainer, run_info, write_json
 
-    p = config.parallel
     state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
     run_dir = run_directory(config)
     try:
@@ -204,6 +231,9 @@ def run(cfg: DictConfig) -> None:
                 print(f"resuming from {checkpoint} (step {resume_step})")
             elif config.train.resume == "auto":
                 print(f"no checkpoint in {checkpoints_dir(run_dir)}: starting fresh")
+            elif (checkpoints_dir(run_dir) / "latest").exists():
+                print(f"note: train.resume=none, but {checkpoints_dir(run_dir)} holds an earlier run's checkpoints; "
+                      "this run's own replace them as it reaches their steps", file=sys.stderr)
             prepare_run_dir(run_dir, config, resume_step)
         if world > 1:
             dist.barrier()
@@ -230,10 +260,14 @@ def _plain_warning(message, category, filename, lineno, line=None) -> str:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     warnings.formatwarning = _plain_warning
+    rank, _ = world_from_env()
     try:
         run(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:  # every rank finds the same problem; say it once
+            print(f"error: {e}", file=sys.stderr)
+        else:  # torchrun stops every rank when one exits: let rank 0 say it first
+            time.sleep(2.0)
         sys.exit(2)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

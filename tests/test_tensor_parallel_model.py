@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import fill_defaults, validate
+from engine.model.flops import parameters_per_rank
 from engine.parallel.state import ParallelState, init_parallel
 from engine.training.trainer import Trainer
 from tests.distributed import run_ranks
@@ -86,7 +87,8 @@ def run_case(case: Case, shard: str, cache: str, run_dir: str, state: ParallelSt
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
     return {"losses": losses, "norms": norms, "val": trainer.evaluate()["val_loss"], "grads": grads,
-            "initial": initial, "params_rank0": params_rank0}
+            "initial": initial, "params_rank0": params_rank0,
+            "params_rank0_counted": parameters_per_rank(cfg.model, state.tp)}
 
 
 def rank_cases(rank: int, world_size: int, cases: list[Case], shard: str, cache: str, run_dir: str) -> list[dict]:
@@ -129,8 +131,10 @@ def compare(cases: list[Case], world: int, shard, tmp_path) -> None:
             for name, g in ref["grads"].items():
                 where = f"{msg}, {name}"
                 torch.testing.assert_close(got["grads"][name], g, **GRAD_TOL, msg=lambda m, w=where: f"{w}: {m}")
-            # Each rank holds about 1/tp of the weights (norms, biases and positions are replicated).
+            # Each rank holds its 1/tp of the split weights plus the replicated ones, exactly as the dry run counts.
+            assert got["params_rank0"] == got["params_rank0_counted"], msg
             assert got["params_rank0"] < ref["params_rank0"] / case.tp * 1.3, msg
+        assert ref["params_rank0"] == ref["params_rank0_counted"]
 
 
 # make test: both architectures, SP off and on, split and replicated KV heads, TP x DP, dropout, padding.

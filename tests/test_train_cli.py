@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from engine.data.preprocess import preprocess
+from engine.parallel.state import ParallelState
+from engine.training.trainer import Trainer
+from tests.test_trainer import tiny_config, write_pattern_shard
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.max_seq_len=64", "train.seq_len=32",
@@ -75,11 +79,21 @@ def test_bad_configuration_exits_2_before_starting(tmp_path, shard, override, me
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_shards_from_another_tokenizer_are_refused(tmp_path, shard):
-    """Byte-token shards with a smaller model vocabulary fail with a clear message, not an embedding IndexError."""
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_at_start(tmp_path, shard):
+    """model.vocab_size below the tokenizer's fails before anything starts, not as an embedding IndexError."""
     r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", "model.vocab_size=100"], tmp_path)
-    assert r.returncode != 0
-    assert "outside model.vocab_size=100" in r.stderr and "another tokenizer" in r.stderr
+    assert r.returncode == 2
+    assert "model.vocab_size=100 is smaller than data.tokenizer's vocabulary" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_shards_from_another_tokenizer_are_refused(tmp_path):
+    """Shards holding ids past the model's vocabulary (written with another tokenizer) stop at the first batch
+    with a message naming the mismatch."""
+    cfg = tiny_config(write_pattern_shard(tmp_path / "big", vocab=1000), str(tmp_path / "cache"))
+    trainer = Trainer(cfg, ParallelState(1, 1, 1, 0, torch.device("cpu")), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"outside model\.vocab_size=257.*another tokenizer"):
+        trainer.train_step()
 
 
 def test_multirun_sweep_gets_one_directory_per_job(tmp_path, shard):
@@ -144,3 +158,18 @@ def test_tensor_parallel_groups_crossing_nodes_are_warned_about():
     assert tp_placement_warning(1, 3) is None and tp_placement_warning(4, None) is None  # no torchrun: one node
     assert "parallel.tp=8 but 4 processes per node" in tp_placement_warning(8, 4)
     assert "span nodes" in tp_placement_warning(4, 6)
+
+
+def test_resuming_in_another_tensor_parallel_layout_is_refused_before_anything_is_written(tmp_path, shard):
+    """A TP=2 launch into a run directory of TP=1 checkpoints stops at start, says so once, and leaves the run's
+    config.yaml and metrics as they were."""
+    run = tmp_path / "run"
+    common = [*TINY, f"data.prefix={shard}", f"train.run_dir={run}"]
+    assert train(common, tmp_path).returncode == 0
+    before = {name: (run / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = train([*common, "parallel.tp=2"], tmp_path, launcher=torchrun)
+    assert r.returncode != 0
+    assert r.stderr.count("holds checkpoints saved with parallel.tp=1") == 1, r.stderr  # rank 0 only
+    assert "train.init_from=" in r.stderr
+    assert {name: (run / name).read_text() for name in before} == before

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from engine.config import Config, fill_defaults, validate  # noqa: E402
+from engine.config import Config, ConfigError, fill_defaults, validate  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.parallel import cross_entropy, grads, mappings  # noqa: E402
 from engine.parallel.grads import allreduce_partial_grads, grad_norm  # noqa: E402
@@ -77,6 +77,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def layout_config(args: argparse.Namespace, tp: int, sp: bool) -> Config:
+    """The benchmark's model on `tp` ranks, defaults filled in."""
+    num_layers, hidden, heads, vocab = PRESETS[args.model_preset]
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads = num_layers, hidden, heads
+    cfg.model.vocab_size, cfg.model.max_seq_len = vocab, args.seq_len
+    cfg.parallel.tp, cfg.train.seq_len, cfg.parallel.sequence_parallel = tp, args.seq_len, sp
+    return fill_defaults(cfg, tp)
+
+
 def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results: dict) -> None:
     """One rank of a TP group: time `args.steps` training steps; rank 0 stores the medians in `results`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(tp),
@@ -87,14 +97,8 @@ def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results: dic
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=tp,
                                 timeout=timedelta(seconds=300))
     state = init_parallel(tp, 1, 1, device)
-    num_layers, hidden, heads, vocab = PRESETS[args.model_preset]
-    cfg = Config()
-    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads = num_layers, hidden, heads
-    cfg.model.vocab_size, cfg.model.max_seq_len = vocab, args.seq_len
-    cfg.parallel.tp, cfg.train.seq_len, cfg.parallel.sequence_parallel = tp, args.seq_len, args.sp
-    fill_defaults(cfg, tp)
-    validate(cfg, tp)
-    m = cfg.model
+    m = layout_config(args, tp, args.sp).model
+    vocab = m.vocab_size
     torch.manual_seed(0)
     model = GPT(m, state.tp_group, args.sp).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -133,19 +137,31 @@ def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results: dic
 def main() -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP sizes to run (default 1 2 4)")
-    p.add_argument("--sp", choices=["off", "on", "both"], default="both", help="sequence parallelism")
-    p.add_argument("--model-preset", choices=sorted(PRESETS), default="demo")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="TP sizes to run (default: 1 2 4)")
+    p.add_argument("--sp", choices=["off", "on", "both"], default="both",
+                   help="sequence parallelism for TP > 1 (default: both)")
+    p.add_argument("--model-preset", choices=sorted(PRESETS), default="demo",
+                   help="model shape (default: demo, the make demo model)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps, the median reported (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: gloo ranks; cuda: NCCL, one GPU per rank (default: cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="(default: fp32)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads shared by a TP group's ranks (default: all cores)")
     args = p.parse_args()
     num_layers, hidden, heads, vocab = PRESETS[args.model_preset]
+    # Every problem before any rank starts: a worker's failure would be a multiprocessing traceback.
+    if args.device == "cuda" and torch.cuda.device_count() < max(args.tp):
+        p.error(f"--device cuda needs a GPU per rank: {max(args.tp)} for --tp {max(args.tp)}, "
+                f"{torch.cuda.device_count()} here")
+    for tp in args.tp:
+        try:
+            validate(layout_config(args, tp, sp=args.sp != "off"), tp)
+        except ConfigError as e:
+            p.error(f"--tp {tp} with --model-preset {args.model_preset}: {e}")
     print(f"model {args.model_preset}: {num_layers} layers, hidden {hidden}, {heads} heads, vocab {vocab}; batch "
           f"{args.batch} x seq {args.seq_len}, {args.precision}, {args.device}, {args.threads} threads in all")
     results = mp.Manager().dict()

@@ -44,6 +44,30 @@ def count_parameters(cfg: ModelConfig) -> int:
     return cfg.num_layers * (_matmul_weights_per_layer(cfg) + per_layer) + once + head
 
 
+def parameters_per_rank(cfg: ModelConfig, tp: int) -> int:
+    """Parameters one tensor-parallel rank of GPT(cfg) holds (one pipeline stage: the whole model).
+
+    Split by tp: the q, o and MLP matrices, their column biases, K/V when tp divides the KV heads, and the padded
+    vocabulary rows (the padding included: it is allocated). Whole on every rank: norms, row-parallel biases,
+    GPT-2's position table, and K/V when tp exceeds the KV heads.
+    """
+    from engine.parallel.layers import padded_vocab_size  # the model's own padding rule
+
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    kv = cfg.num_kv_heads * (h // cfg.num_heads)
+    gpt2 = cfg.arch == "gpt2"
+    kv_split = tp if cfg.num_kv_heads % tp == 0 else 1
+    mlp_in = (1 if gpt2 else 2) * h * f // tp  # up (and gate)
+    per_layer = 2 * h * h // tp + 2 * h * kv // kv_split + mlp_in + f * h // tp
+    if gpt2:  # biases of q, k, v (split like their weights), up (split), o and down (whole); two LayerNorms
+        per_layer += h // tp + 2 * kv // kv_split + f // tp + 2 * h + 4 * h
+    else:  # two RMSNorms
+        per_layer += 2 * h
+    vocab_rows = padded_vocab_size(cfg.vocab_size, tp, cfg.make_vocab_size_divisible_by) // tp
+    once = vocab_rows * h * (1 if cfg.tie_embeddings else 2) + (cfg.max_seq_len * h + 2 * h if gpt2 else h)
+    return cfg.num_layers * per_layer + once
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * N_matmul + 12 * L * h * seq_len.
 

@@ -353,7 +353,7 @@ def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
         torch.set_rng_state(rng_state["cpu"])
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng_state["cuda"]))
-    else:  # another layout: rank r of this run is not rank r of that one
+    elif state.rank == 0:  # another layout: rank r of this run is not rank r of that one
         print(f"warning: the checkpoint was saved by {meta['world_size']} ranks, this run has {state.world_size}: "
               "random states start fresh", file=sys.stderr)
     return meta
