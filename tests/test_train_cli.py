@@ -107,8 +107,10 @@ def test_multirun_sweep_gets_one_directory_per_job(tmp_path, shard):
     assert [next(m for m in metrics(job) if "lr" in m)["lr"] for job in jobs] == [1e-3, 2e-3]  # end of warmup
 
 
-@pytest.mark.parametrize("layout", [["parallel=dp2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]],
-                         ids=["dp2", "tp2-sp"])
+# The torchrun launch path once in make test (TP, the harder layout); DP's twin in make test-slow (DP == one
+# process is also tested in-process by test_trainer).
+@pytest.mark.parametrize("layout", [pytest.param(["parallel=dp2"], id="dp2", marks=pytest.mark.slow),
+                                    pytest.param(["parallel.tp=2", "parallel.sequence_parallel=true"], id="tp2-sp")])
 def test_torchrun_two_ranks_match_one_process(tmp_path, shard, layout):
     """torchrun with 2 gloo ranks (env://), data or tensor parallel, logs the single process's losses (rtol 1e-5),
     from one rank."""
