@@ -65,7 +65,7 @@ def timed_collectives(device: torch.device, totals: dict[str, float]) -> Iterato
     with mock.patch.object(mappings, "_all_reduce", wrap("all_reduce", mappings._all_reduce)), \
             mock.patch.object(mappings, "_all_gather", wrap("all_gather", mappings._all_gather)), \
             mock.patch.object(mappings, "_reduce_scatter", wrap("reduce_scatter", mappings._reduce_scatter)), \
-            mock.patch.object(cross_entropy, "_tp_all_reduce", wrap("loss_all_reduce", cross_entropy._tp_all_reduce)), \
+            mock.patch.object(cross_entropy, "tp_all_reduce_", wrap("loss_all_reduce", cross_entropy.tp_all_reduce_)), \
             mock.patch.object(grads, "_allreduce_flat", wrap("partial_grads", grads._allreduce_flat)):
         yield
 

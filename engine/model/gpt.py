@@ -20,7 +20,7 @@ from engine.config import ModelConfig
 from engine.model.attention import Attention, KVCache
 from engine.model.mlp import MLP
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
-from engine.parallel.layers import VocabParallelEmbedding, VocabParallelOutput, mark_partial_grad
+from engine.parallel.layers import InitMethod, VocabParallelEmbedding, VocabParallelOutput, mark_partial_grad
 from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.random import RankLocalDropout
 
@@ -68,12 +68,9 @@ def make_dropout(p: float, group: dist.ProcessGroup | None, sequence_parallel: b
 class Block(nn.Module):
     """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)), dropout on each branch."""
 
-    def __init__(self, cfg: ModelConfig, group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, init: InitMethod, output_init: InitMethod,
+                 group: dist.ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
-        init = partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
-        # Each layer adds two branches to the residual stream; scaling their output projections keeps its variance
-        # from growing with depth (GPT-2 / Megatron).
-        output_init = partial(nn.init.normal_, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
         self.attn_norm = make_norm(cfg, sequence_parallel)
         self.attn = Attention(cfg, init, output_init, group, sequence_parallel)
         self.mlp_norm = make_norm(cfg, sequence_parallel)
@@ -102,6 +99,9 @@ class GPT(nn.Module):
         self.sequence_parallel = sequence_parallel and tp_size(tp_group) > 1
         sp = self.sequence_parallel
         init = partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
+        # Each layer adds two branches to the residual stream; scaling their output projections keeps its variance
+        # from growing with depth (GPT-2 / Megatron).
+        output_init = partial(nn.init.normal_, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
         divisor = cfg.make_vocab_size_divisible_by
         self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_group, divisor, init, sp)
         self.pos_emb = None
@@ -111,7 +111,7 @@ class GPT(nn.Module):
             if sp:
                 mark_partial_grad(self.pos_emb.weight)
         self.drop = make_dropout(cfg.dropout, tp_group, sp)
-        self.blocks = nn.ModuleList(Block(cfg, tp_group, sp) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, init, output_init, tp_group, sp) for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg, sp)
         # A tied head's own weight is replaced at once: not worth a draw from the RNG stream.
         head_init = nn.init.zeros_ if cfg.tie_embeddings else init

@@ -14,12 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels
-from engine.parallel.mappings import tp_size
-
-
-def _tp_all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> None:
-    if tp_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
+from engine.parallel.mappings import tp_all_reduce_
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -42,10 +37,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             s, t = torch.zeros(rows, device=logits.device), torch.zeros(rows, device=logits.device)
         # The global max keeps exp from overflowing; each shard's sum is rescaled to it before summing.
         global_max = m.clone()
-        _tp_all_reduce(global_max, group, dist.ReduceOp.MAX)
+        tp_all_reduce_(global_max, group, dist.ReduceOp.MAX)
         s = s * torch.exp(m - global_max)
-        _tp_all_reduce(s, group)
-        _tp_all_reduce(t, group)  # the target's logit lives on one rank; the others contribute zero
+        tp_all_reduce_(s, group)
+        tp_all_reduce_(t, group)  # the target's logit lives on one rank; the others contribute zero
         lse = global_max + s.log()
         valid = targets.reshape(-1) != ignore_index
         count = valid.sum()

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.parallel.mappings import tp_size
+from engine.parallel.mappings import tp_all_reduce_, tp_size
 
 BUCKET_BYTES = 25 * 2**20  # one all-reduce per this much gradient: no whole-model flat copy for large GQA models
 
@@ -53,7 +53,6 @@ def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -
         raise RuntimeError("grad_norm: no parameter has a gradient (was backward run?)")
     device = (sharded + replicated)[0].device
     sq_sharded = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
-    if tp_size(group) > 1:
-        dist.all_reduce(sq_sharded, group=group)
+    tp_all_reduce_(sq_sharded, group)
     sq_replicated = torch.stack(replicated).sum() if replicated else torch.zeros((), device=device)
     return (sq_sharded + sq_replicated).sqrt()

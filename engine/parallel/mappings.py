@@ -82,6 +82,12 @@ def _split(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
+def tp_all_reduce_(x: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> None:
+    """Reduce `x` over the TP group in place (no autograd: for statistics and gradients); nothing without one."""
+    if tp_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+
+
 def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Sum of `x` over ranks, in a new tensor (the input may be saved by autograd or shared)."""
     out = x.clone()

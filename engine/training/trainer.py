@@ -25,7 +25,6 @@ from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.parallel.data_parallel import GradientAllReduce
 from engine.parallel.grads import allreduce_partial_grads, grad_norm
-from engine.parallel.layers import padded_vocab_size
 from engine.parallel.state import ParallelState
 from engine.training.checkpoint import (
     copy_weights,
@@ -336,13 +335,12 @@ class Profiler:
         print(f"profile of step {step} written to {self.dir}", file=sys.stderr)
 
 
-def run_info(cfg: Config, state: ParallelState, model: torch.nn.Module) -> dict:
+def run_info(cfg: Config, state: ParallelState, model: GPT) -> dict:
     """What run_info.json records: layout, parameter counts, versions."""
     total = count_parameters(cfg.model)
     return {
         "world_size": state.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
-        "sequence_parallel": cfg.parallel.sequence_parallel and state.tp > 1,
-        "padded_vocab_size": padded_vocab_size(cfg.model.vocab_size, state.tp, cfg.model.make_vocab_size_divisible_by),
+        "sequence_parallel": model.sequence_parallel, "padded_vocab_size": model.tok_emb.padded_vocab,
         # parameters: the model's, unpadded; parameters_rank0: what rank 0 holds (its shards, replicas, padding).
         "parameters": total, "parameters_rank0": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
