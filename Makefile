@@ -93,6 +93,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench
 	$(PY) tools/bench_train.py
 	$(PY) tools/bench_checkpoint.py
+	$(PY) tools/bench_reshard.py
 	$(PY) tools/bench_kernels.py
 
 clean:

@@ -163,24 +163,6 @@ def check_environment(config: Config) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
-def check_resume_layout(config: Config) -> None:
-    """A run that will resume must have the checkpoint's tensor/pipeline layout: refused before anything is written."""
-    if config.train.resume != "auto":
-        return
-    run_dir = run_directory(config)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        return
-    meta = read_meta(checkpoint)
-    p = config.parallel
-    if (meta["tp"], meta["pp"]) != (p.tp, p.pp):
-        raise ConfigError(
-            f"{run_dir} holds checkpoints saved with parallel.tp={meta['tp']}, parallel.pp={meta['pp']}, and "
-            f"train.resume=auto would continue them, but this run has parallel.tp={p.tp}, parallel.pp={p.pp}: resume "
-            f"with parallel.tp={meta['tp']} parallel.pp={meta['pp']}, or train into a new train.run_dir with "
-            f"train.init_from={checkpoint} (weights into any layout)")
-
-
 def tp_placement_warning(tp: int, local_world_size: int | None) -> str | None:
     """Why this launch's tensor-parallel groups would cross nodes (they are consecutive ranks), or None."""
     if tp == 1 or local_world_size is None or local_world_size % tp == 0:
@@ -212,7 +194,6 @@ def run(cfg: DictConfig) -> None:
             dry_run(config)
         return
     check_environment(config)
-    check_resume_layout(config)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
     if placement and rank == 0:

@@ -188,7 +188,8 @@ def test_model_mismatch_is_refused(tmp_path, shard):
     cfg = tiny_config(*shard)
     cfg.model.hidden_size = 64
     other = Trainer(cfg, SINGLE, tmp_path)
-    with pytest.raises(CheckpointError, match="has shape"):
+    with pytest.raises(CheckpointError, match=r"tok_emb.weight is \(257, 32\) there \(unsplit, unpadded\), but "
+                                              r"\(257, 64\) in this model"):
         other.init_weights_from(tmp_path / "src")
 
 
@@ -199,6 +200,25 @@ def test_vocabulary_mismatch_is_refused_not_padded(tmp_path, shard):
     cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by = 300, 64
     with pytest.raises(CheckpointError, match="257 vocabulary rows there, the model 300"):
         Trainer(cfg, SINGLE, tmp_path / "dst").init_weights_from(tmp_path / "src")
+
+
+def test_resume_with_other_vocabulary_padding_keeps_every_real_row(tmp_path, shard):
+    """A checkpoint of the unpadded vocabulary resumes into a padded one (make_vocab_size_divisible_by=64): every real
+    row of the weights and AdamW moments is the saved one, the padding rows are zero."""
+    saved = make_trainer(*shard, tmp_path / "src", 2)
+    saved.fit()
+    cfg = tiny_config(*shard)
+    cfg.model.make_vocab_size_divisible_by = 64
+    padded = Trainer(cfg, SINGLE, tmp_path / "dst")
+    padded.resume(latest_checkpoint(tmp_path / "src"))
+    assert padded.model.tok_emb.weight.shape[0] == 320 and saved.model.tok_emb.weight.shape[0] == 257
+    saved_params = dict(saved.model.named_parameters())
+    for name, p in padded.model.named_parameters():
+        q = saved_params[name]
+        ours, theirs = padded.optimizer.state[p], saved.optimizer.state[q]
+        for a, b in [(p, q), (ours["exp_avg"], theirs["exp_avg"]), (ours["exp_avg_sq"], theirs["exp_avg_sq"])]:
+            assert torch.equal(a[: b.shape[0]], b) and not a[b.shape[0]:].any(), name
+        assert torch.equal(ours["step"], theirs["step"]), name
 
 
 def test_latest_naming_a_lost_step_falls_back_to_the_newest_complete_one(tmp_path, shard, capsys):

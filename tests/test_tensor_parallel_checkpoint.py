@@ -3,7 +3,8 @@
 One launch of 4 gloo ranks (TP2 x DP2, sequence parallel, dropout on) covers: crash and resume == uninterrupted;
 its checkpoint merged into one single-device model gives the TP model's loss, and exported to transformers gives
 that model's logits; a single-process checkpoint loaded into the TP2 model by `train.init_from` gathers back to
-exactly the saved weights; resuming with another TP size is refused with a clear message.
+exactly the saved weights; the TP2 x DP2 checkpoint resumes as TP4 (and, in the parent, as one process) with
+exactly the saved weights and AdamW moments.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from engine.config import fill_defaults, validate
 from engine.inference import load_for_inference
 from engine.model.hf import export_checkpoint
 from engine.parallel.state import ParallelState, init_parallel
-from engine.training.checkpoint import CheckpointError, latest_checkpoint
+from engine.training.checkpoint import latest_checkpoint
 from engine.training.trainer import Trainer, get_batch
 from tests.distributed import run_ranks
 from tests.test_checkpoint import CrashError, crash_at, losses_by_step
@@ -50,6 +51,18 @@ def first_batch_loss(trainer: Trainer) -> float:
         return trainer.model(inputs, targets).item()
 
 
+def whole_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter and AdamW moment, unsplit and unpadded (the same on every rank)."""
+    vocab, group = trainer.cfg.model.vocab_size, trainer.state.tp_group
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        out[name] = unsplit(p, p, group, vocab)
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{name}.{key}"] = unsplit(trainer.optimizer.state[p][key], p, group, vocab)
+        out[f"{name}.step"] = trainer.optimizer.state[p]["step"].clone()
+    return out
+
+
 def tp_scenarios(rank: int, world_size: int, shard: str, cache: str, root: str) -> dict:
     state = init_parallel(2, 1, 2, torch.device("cpu"))
     base = Path(root)
@@ -67,11 +80,13 @@ def tp_scenarios(rank: int, world_size: int, shard: str, cache: str, root: str) 
     init.init_weights_from(base / "single")
     vocab = init.cfg.model.vocab_size
     init_weights = {n: unsplit(p.detach(), p, state.tp_group, vocab) for n, p in init.model.named_parameters()}
-    other = make_trainer(shard, cache, base / "other", 6, init_parallel(4, 1, 1, torch.device("cpu")))
-    with pytest.raises(CheckpointError, match="saved with tp=2") as err:
-        other.resume(latest_checkpoint(base / "full"))
+    # The TP2 x DP2 checkpoint resumed as TP4 x DP1: Llama's 2 KV heads go from split to replicated, the
+    # vocabulary padding from 258 to 260 rows.
+    tp4 = make_trainer(shard, cache, base / "tp4", 6, init_parallel(4, 1, 1, torch.device("cpu")))
+    tp4.resume(latest_checkpoint(base / "full"))
     return {"full": full_losses, "after_crash": after_crash, "tp_loss": first_batch_loss(full),
-            "init_weights": init_weights, "error": str(err.value)}
+            "init_weights": init_weights, "full_state": whole_state(full), "tp4_state": whole_state(tp4),
+            "tp4_loss": first_batch_loss(tp4)}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +97,8 @@ def shard(tmp_path_factory) -> tuple[str, str]:
 
 def test_tensor_parallel_checkpoints(tmp_path, shard):
     """Resume == uninterrupted (==) under TP2 x DP2 + SP + dropout; TP checkpoints merge into one model and
-    single-device ones split into TP; another TP size cannot resume."""
+    single-device ones split into TP; a TP2 x DP2 checkpoint resumes as TP4 and as one process with every weight
+    and AdamW moment exactly as saved."""
     single = make_trainer(*shard, tmp_path / "single", 2, SINGLE)
     single.fit()
     per_rank = run_ranks(4, tp_scenarios, *shard, str(tmp_path), timeout=600)
@@ -106,4 +122,14 @@ def test_tensor_parallel_checkpoints(tmp_path, shard):
         assert r["tp_loss"] == pytest.approx(first_batch_loss(merged_trainer), rel=1e-5)
         for name, p in single.model.named_parameters():
             torch.testing.assert_close(r["init_weights"][name], p.detach(), rtol=0, atol=0)
-        assert "train.init_from takes the weights alone into any layout" in r["error"]
+    # The saved TP2 x DP2 state, resumed by one process and by TP4: bit for bit the same.
+    single_resumed = make_trainer(*shard, tmp_path / "single_resumed", 6, SINGLE)
+    single_resumed.resume(latest_checkpoint(tmp_path / "full"))
+    saved = per_rank[0]["full_state"]
+    assert saved.keys() == per_rank[0]["tp4_state"].keys()
+    for name, tensor in whole_state(single_resumed).items():
+        assert torch.equal(tensor, saved[name]), f"TP2 x DP2 -> 1: {name}"
+        for rank, r in enumerate(per_rank):
+            assert torch.equal(r["tp4_state"][name], saved[name]), f"TP2 x DP2 -> TP4, rank {rank}: {name}"
+    for r in per_rank:
+        assert r["tp4_loss"] == pytest.approx(r["tp_loss"], rel=1e-5)

@@ -162,16 +162,21 @@ def test_tensor_parallel_groups_crossing_nodes_are_warned_about():
     assert "span nodes" in tp_placement_warning(4, 6)
 
 
-def test_resuming_in_another_tensor_parallel_layout_is_refused_before_anything_is_written(tmp_path, shard):
-    """A TP=2 launch into a run directory of TP=1 checkpoints stops at start, says so once, and leaves the run's
-    config.yaml and metrics as they were."""
+def test_a_tensor_parallel_launch_resumes_a_single_process_run(tmp_path, shard):
+    """torchrun with TP=2 (+SP) into a run directory of single-process checkpoints resumes them, resharded, says so
+    once, and logs the uninterrupted single-process run's losses (rtol 1e-5)."""
+    common = [*TINY, f"data.prefix={shard}", f"data.cache_dir={tmp_path / 'cache'}", "train.log_interval=1",
+              "optim.warmup_steps=1", "optim.decay_steps=10"]
+    assert train([*common, "train.steps=8", f"train.run_dir={tmp_path / 'full'}"], tmp_path).returncode == 0
     run = tmp_path / "run"
-    common = [*TINY, f"data.prefix={shard}", f"train.run_dir={run}"]
-    assert train(common, tmp_path).returncode == 0
-    before = {name: (run / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    assert train([*common, "train.steps=4", f"train.run_dir={run}"], tmp_path).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    r = train([*common, "parallel.tp=2"], tmp_path, launcher=torchrun)
-    assert r.returncode != 0
-    assert r.stderr.count("holds checkpoints saved with parallel.tp=1") == 1, r.stderr  # rank 0 only
-    assert "train.init_from=" in r.stderr
-    assert {name: (run / name).read_text() for name in before} == before
+    r = train([*common, "train.steps=8", f"train.run_dir={run}", "parallel.tp=2", "parallel.sequence_parallel=true"],
+              tmp_path, launcher=torchrun)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {run / 'checkpoints' / 'step_00000004'} (step 4)" in r.stdout
+    assert r.stderr.count("saved as tp 1 x pp 1 x dp 1, this run is tp 2 x pp 1 x dp 1") == 1, r.stderr
+    full, resumed = metrics(tmp_path / "full"), metrics(run)
+    assert [m["step"] for m in resumed if "loss" in m] == list(range(1, 9))
+    np.testing.assert_allclose([m["loss"] for m in resumed if "loss" in m][4:],
+                               [m["loss"] for m in full if "loss" in m][4:], rtol=1e-5)

@@ -14,7 +14,9 @@ Layout under `run_dir/checkpoints/`:
 A step is written into `.tmp-step_...` by every rank, then renamed when whole; `latest` changes last, so a crash
 mid-save leaves the previous checkpoint and `latest` as they were. Tensors go through safetensors and everything
 else through JSON: loading never unpickles anything. Data-parallel replicas hold the same model and optimizer,
-so only data-parallel rank 0 writes those, and a run may resume with another data-parallel size.
+so only data-parallel rank 0 writes those. A run may resume in another layout: the weights and optimizer moments are
+read into this run's tensor-parallel split (`engine.training.reshard`), and the sample stream does not depend on
+the data-parallel size.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.parallel.state import ParallelState
+from engine.training.reshard import (
+    CheckpointError,
+    CheckpointTensors,
+    TensorSource,
+    copy_parameters,
+    local_part,
+    read_whole,
+    tp_layout,
+)
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, truncated or does not fit the model."""
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
@@ -251,83 +258,14 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
 
 
-def tp_layout(model: torch.nn.Module) -> dict[str, dict]:
-    """How each split or padded parameter is laid out: {name: {"dim": split dim or None, "vocab": padded rows}}."""
-    return {name: {"dim": getattr(p, "tp_dim", None), "vocab": getattr(p, "tp_vocab", False)}
-            for name, p in model.named_parameters() if hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)}
-
-
 def load_full_weights(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's parameters as one unsplit, unpadded model, whatever tensor-parallel layout saved them."""
-    meta = read_meta(path)
-    if meta.get("pp", 1) != 1:
-        raise CheckpointError(f"{path}: saved with pp={meta['pp']}; only pp=1 checkpoints can be merged yet")
-    shards = [_load_tensors(path / f"model-pp00-tp{t:02d}.safetensors") for t in range(meta.get("tp", 1))]
-    layout = meta.get("tp_layout", {})  # absent: written before tensor parallelism, unsplit and unpadded
-    vocab = meta.get("config", {}).get("model", {}).get("vocab_size")
-    full = {}
-    for name, tensor in shards[0].items():
-        how = layout.get(name, {})
-        if how.get("dim") is not None:
-            tensor = torch.cat([shard[name] for shard in shards], dim=how["dim"])
-        full[name] = tensor[:vocab] if how.get("vocab") else tensor
-    return full
+    return read_whole(CheckpointTensors(path, "model", read_meta(path)))
 
 
 def load_model_weights(path: Path, model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Copy a checkpoint's parameters into `model` (split over TP `group`), checking every name and shape.
-
-    A checkpoint of this very layout is read shard by shard; any other is merged whole and split again (every
-    rank then reads every shard: host memory for the whole model, per rank).
-    """
-    meta = read_meta(path)
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-    own = path / f"model-pp00-tp{rank:02d}.safetensors"
-    if meta.get("tp", 1) == world and meta.get("pp", 1) == 1 and own.exists():
-        tensors = _load_tensors(own)
-        params = dict(model.named_parameters())
-        if tensors.keys() == params.keys() and all(tensors[n].shape == p.shape for n, p in params.items()):
-            copy_weights(model, tensors, str(path), source_is_full=False)
-            return
-    copy_weights(model, load_full_weights(path), str(path), group)
-
-
-def _local_part(full: torch.Tensor, p: torch.nn.Parameter, name: str, group: dist.ProcessGroup | None,
-                source: str) -> torch.Tensor:
-    """This rank's part of an unsplit, unpadded tensor for parameter `p`: padded with zero rows, then sliced."""
-    world = dist.get_world_size(group) if group is not None else 1
-    vocab = getattr(p, "tp_vocab", None)
-    if vocab is not None:
-        if full.shape[0] != vocab:  # never pad real tokens' rows with zeros
-            raise CheckpointError(f"{source}: {name} has {full.shape[0]} vocabulary rows there, the model "
-                                  f"{vocab} (model.vocab_size)")
-        full = torch.cat([full, full.new_zeros(p.shape[0] * world - vocab, *full.shape[1:])])
-    if hasattr(p, "tp_dim"):
-        full = full.chunk(world, dim=p.tp_dim)[dist.get_rank(group)]
-    return full
-
-
-def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                 group: dist.ProcessGroup | None = None, source_is_full: bool = True) -> None:
-    """Copy `tensors` (by our parameter names) into `model`; every name and shape must match.
-
-    source_is_full: the tensors are the whole model, unsplit and unpadded, and each rank takes its part for TP
-    `group`; otherwise they are this rank's own shards already (a checkpoint of the same layout).
-    """
-    params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: parameters do not match the model (missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}); is the model configuration the one the weights were saved with?")
-    with torch.no_grad():
-        for name, p in params.items():
-            local = _local_part(tensors[name], p, name, group, source) if source_is_full else tensors[name]
-            if local.shape != p.shape:
-                hint = (" (vocabulary padding: is model.make_vocab_size_divisible_by the checkpoint's?)"
-                        if hasattr(p, "tp_vocab") else "")
-                raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)} there, which does "
-                                      f"not give this rank's {tuple(p.shape)}{hint}")
-            p.copy_(local)
+    """Copy a checkpoint's parameters, saved in any TP layout, into `model` (split over TP `group`)."""
+    copy_parameters(model, CheckpointTensors(path, "model", read_meta(path)), group)
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
@@ -338,46 +276,55 @@ def is_hf_model_dir(path: str | os.PathLike) -> bool:
 
 def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from step directory `path`; returns its metadata."""
+    """Restore model, optimizer and this rank's RNG from step directory `path`, saved in any TP/DP layout.
+
+    Weights and optimizer moments are resharded to this run's TP layout (`engine.training.reshard`). The random
+    states come back only in the saving layout: rank r of another layout is not rank r of this one.
+    """
     meta = read_meta(path)
-    if (meta["tp"], meta["pp"]) != (state.tp, state.pp):
-        raise CheckpointError(f"{path}: saved with tp={meta['tp']}, pp={meta['pp']}; this run has tp={state.tp}, "
-                              f"pp={state.pp}. Resuming needs the same layout (optimizer state is split like the "
-                              "weights); train.init_from takes the weights alone into any layout")
-    tag = _shard_tag(state)
-    copy_weights(model, _load_tensors(path / f"model-{tag}.safetensors"), str(path), source_is_full=False)
-    _load_optimizer(path / f"optimizer-{tag}.safetensors", meta["optimizer_groups"], model, optimizer)
-    rng = path / f"rng-rank{state.rank:05d}.safetensors"
-    if meta["world_size"] == state.world_size:
-        rng_state = _load_tensors(rng)
+    copy_parameters(model, CheckpointTensors(path, "model", meta), state.tp_group)
+    _load_optimizer(CheckpointTensors(path, "optimizer", meta), meta["optimizer_groups"], model, optimizer,
+                    state.tp_group)
+    if (meta["tp"], meta["pp"], meta["dp"]) == (state.tp, state.pp, state.dp):
+        rng_state = _load_tensors(path / f"rng-rank{state.rank:05d}.safetensors")
         torch.set_rng_state(rng_state["cpu"])
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng_state["cuda"]))
-    elif state.rank == 0:  # another layout: rank r of this run is not rank r of that one
-        print(f"warning: the checkpoint was saved by {meta['world_size']} ranks, this run has {state.world_size}: "
-              "random states start fresh", file=sys.stderr)
+    elif state.rank == 0:
+        print(f"warning: the checkpoint was saved as {layout_name(meta['tp'], meta['pp'], meta['dp'])}, this run is "
+              f"{layout_name(state.tp, state.pp, state.dp)}: weights and optimizer state are resharded, random "
+              "states start fresh", file=sys.stderr)
     return meta
 
 
-def _load_optimizer(path: Path, groups: list[dict], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    tensors = _load_tensors(path)
-    names = _param_names(model)
+def layout_name(tp: int, pp: int, dp: int) -> str:
+    """`tp 2 x pp 1 x dp 4`."""
+    return f"tp {tp} x pp {pp} x dp {dp}"
+
+
+def _load_optimizer(source: TensorSource, groups: list[dict], model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None) -> None:
+    names, params = _param_names(model), dict(model.named_parameters())
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     if current != [g["params"] for g in groups]:
-        raise CheckpointError(f"{path}: the optimizer's parameter groups differ from the checkpoint's")
+        raise CheckpointError(f"{source.where}: the optimizer's parameter groups differ from the checkpoint's")
     by_param: dict[str, dict[str, torch.Tensor]] = {}  # "param.name.exp_avg" -> by_param["param.name"]["exp_avg"]
-    for key, t in tensors.items():
+    for key in source.names():
         name, field = key.rsplit(".", 1)
-        by_param.setdefault(name, {})[field] = t
+        if name not in params:
+            raise CheckpointError(f"{source.where}: optimizer state for {name}, which this model does not have")
+        scalar = not source.shape(key)  # a step count; the moments are laid out like their parameter
+        by_param.setdefault(name, {})[field] = source.read(key) if scalar else local_part(source, key, params[name],
+                                                                                          group)
     state_dict = {"state": {}, "param_groups": []}
     index = 0
-    for group in groups:
+    for g in groups:
         ids = []
-        for name in group["params"]:
+        for name in g["params"]:
             if name in by_param:
                 state_dict["state"][index] = by_param[name]
             ids.append(index)
             index += 1
-        hyper = {k: tuple(v) if k == "betas" else v for k, v in group.items() if k != "params"}
+        hyper = {k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"}
         state_dict["param_groups"].append({**hyper, "params": ids})
     optimizer.load_state_dict(state_dict)

@@ -27,7 +27,6 @@ from engine.parallel.data_parallel import GradientAllReduce
 from engine.parallel.grads import allreduce_partial_grads, grad_norm
 from engine.parallel.state import ParallelState
 from engine.training.checkpoint import (
-    copy_weights,
     is_hf_model_dir,
     load_checkpoint,
     load_model_weights,
@@ -44,6 +43,7 @@ from engine.training.metrics import (
     perplexity,
 )
 from engine.training.optimizer import build_optimizer, lr_at, param_groups, set_lr
+from engine.training.reshard import FullTensors, copy_parameters
 from engine.training.schedule import forward_backward_no_pipelining
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -297,7 +297,7 @@ class Trainer:
             from engine.model.hf import from_hf  # imports transformers: only when asked for
 
             _, tensors = from_hf(path)
-            copy_weights(self.model, tensors, str(path), self.state.tp_group)
+            copy_parameters(self.model, FullTensors(tensors, str(path)), self.state.tp_group)
         else:
             load_model_weights(resolve_checkpoint(path), self.model, self.state.tp_group)
 
