@@ -6,7 +6,8 @@
     python -m engine.train -m optim.lr=1e-3,3e-4          # a local sweep, one run directory per job
 
 The configuration - and the files, device and packages it names - is checked before any process group starts;
-every problem is reported at once, and the exit code is 2.
+every problem is reported at once, and the exit code is 2. SIGTERM or SIGUSR1 (Slurm's preemption and time-limit
+warning) make every rank checkpoint after the current step and exit with 75; the same command then resumes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -40,6 +42,7 @@ from engine.training.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
+from engine.training.preemption import EXIT_STOPPED, STOP_SIGNALS
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -180,8 +183,9 @@ def run_directory(config: Config) -> Path:
     return Path(config.train.run_dir)
 
 
-def run(cfg: DictConfig) -> None:
-    """Validate everything, then set up the mesh and train."""
+def run(cfg: DictConfig) -> int:
+    """Validate everything, then set up the mesh and train; returns the exit code (EXIT_STOPPED: stopped by a
+    signal after a checkpoint, run again to continue)."""
     config = to_config(cfg)
     rank, world = world_from_env()
     p = config.parallel
@@ -192,7 +196,7 @@ def run(cfg: DictConfig) -> None:
     if config.train.dry_run:
         if rank == 0:
             dry_run(config)
-        return
+        return 0
     check_environment(config)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
@@ -226,8 +230,18 @@ def run(cfg: DictConfig) -> None:
         if state.is_logging_rank:
             write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
         trainer.fit()
+        if trainer.stopped_by is not None:
+            # The checkpoint is saved and every rank exits 75. Under `srun --kill-on-bad-exit` the first such exit
+            # has Slurm SIGTERM the ranks still exiting: every rank ignores it before any rank exits (the barrier),
+            # so no exit code turns into 143 (the logging rank may still be finishing its W&B run).
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            if world > 1:
+                dist.barrier()
+            return EXIT_STOPPED
         if state.is_logging_rank:
             print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
+        return 0
     finally:
         shutdown()
 
@@ -243,7 +257,7 @@ def main(cfg: DictConfig) -> None:
     warnings.formatwarning = _plain_warning
     rank, _ = world_from_env()
     try:
-        run(cfg)
+        code = run(cfg)
     except ConfigError as e:
         if rank == 0:  # every rank finds the same problem; say it once
             print(f"error: {e}", file=sys.stderr)
@@ -253,6 +267,8 @@ def main(cfg: DictConfig) -> None:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from engine.training.metrics import (
     perplexity,
 )
 from engine.training.optimizer import build_optimizer, lr_at, param_groups, set_lr
+from engine.training.preemption import StopSignals
 from engine.training.reshard import FullTensors, copy_parameters
 from engine.training.schedule import forward_backward_no_pipelining
 
@@ -99,6 +100,7 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_steps = 0
         self.wandb_run_id: str | None = None
+        self.stopped_by: str | None = None  # a signal that stopped fit() early (engine.training.preemption)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, fast_backend=False)  # checkpoints carry it
         self._build_data()
 
@@ -211,7 +213,7 @@ class Trainer:
         finally:
             logger.close()
             if wandb is not None:
-                wandb.finish(0 if ok else 1)
+                wandb.finish(0 if ok else 1, preempted=self.stopped_by is not None)
         return records
 
     def _train_loop(self, t, emit, logger, throughput, evaluate, can_eval) -> None:
@@ -221,26 +223,33 @@ class Trainer:
         if can_eval and self.step == 0:  # a resumed run evaluated at its checkpoint already
             evaluate()
         profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
-        while self.step < t.steps:
-            with profiler.step(self.step + 1):
-                metrics = self.train_step()
-            throughput.add(tokens_per_step)
-            logger.advance(1, metrics["loss"])
-            last = self.step == t.steps
-            if self.step % t.log_interval == 0 or last:
-                tps = throughput.read()
-                per_device = tps / world
-                emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
-                      "tflops_per_device": self.flops_per_token * per_device / 1e12,
-                      "mfu": mfu(self.flops_per_token, per_device, self.peak),
-                      "peak_memory_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_steps,
-                      **self.progress()})
-            if can_eval and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
-                evaluate()
-            if (t.save_interval and self.step % t.save_interval == 0) or last:
-                t0 = time.perf_counter()
-                self.save()
-                throughput.exclude(time.perf_counter() - t0)
+        with StopSignals(self.device, world > 1) as stop:
+            while self.step < t.steps:
+                with profiler.step(self.step + 1):
+                    metrics = self.train_step()
+                throughput.add(tokens_per_step)
+                logger.advance(1, metrics["loss"])
+                last = self.step == t.steps
+                if self.step % t.log_interval == 0 or last:
+                    tps = throughput.read()
+                    per_device = tps / world
+                    emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
+                          "tflops_per_device": self.flops_per_token * per_device / 1e12,
+                          "mfu": mfu(self.flops_per_token, per_device, self.peak),
+                          "peak_memory_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_steps,
+                          **self.progress()})
+                if can_eval and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
+                    evaluate()
+                self.stopped_by = None if last else stop.requested()
+                if (t.save_interval and self.step % t.save_interval == 0) or last or self.stopped_by:
+                    t0 = time.perf_counter()
+                    self.save()
+                    throughput.exclude(time.perf_counter() - t0)
+                if self.stopped_by:
+                    if self.state.is_logging_rank:
+                        print(f"{self.stopped_by}: stopped after step {self.step} of {t.steps}, checkpoint saved; "
+                              "run the same command again (or requeue the job) to continue", file=sys.stderr)
+                    return
 
     def _start_wandb(self):
         """The W&B run on the logging rank (same id across resumes), its id shared with every rank for checkpoints."""

@@ -119,11 +119,14 @@ class WandbRun:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(0 if exc_type is None else 1)
 
-    def finish(self, exit_code: int = 0) -> None:
-        """Finish the run (exit_code != 0 marks it failed) and stop wandb-core, so no process is left behind."""
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Finish the run (exit_code != 0 marks it failed; preempted: W&B shows it preempted, to be resumed) and
+        stop wandb-core, so no process is left behind."""
         if self._run is None:
             return
         try:
+            if preempted:
+                self._run.mark_preempting()
             self._run.finish(exit_code=exit_code)
         finally:
             self._run = None

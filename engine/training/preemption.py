@@ -1,0 +1,51 @@
+"""Stopping on a signal: every rank checkpoints after the same step and exits, so a preempted job resumes.
+
+Slurm sends SIGTERM when it preempts or cancels a job and, with `#SBATCH --signal=USR1@300`, SIGUSR1 that many
+seconds before the time limit; `kill` and container runtimes send SIGTERM too. Here a signal only raises a flag.
+After each step every rank learns whether any rank got one, by a MAX all-reduce of one number (the signal may reach
+the ranks during different steps, or reach only some of them), and then all save and stop together. The run exits
+with EXIT_STOPPED, which `slurm/pretrain.sbatch` turns into a requeue; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped before the end, checkpoint saved, run it again to continue
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While inside, SIGTERM and SIGUSR1 request a stop instead of killing the process (main thread only)."""
+
+    def __init__(self, device: torch.device, distributed: bool):
+        self.device, self.distributed = device, distributed
+        self.received = 0  # the signal number, 0 for none
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def requested(self) -> str | None:
+        """The name of a stop signal that any rank received, or None; every rank must call this at the same point."""
+        received = self.received
+        if self.distributed:
+            flag = torch.tensor([received], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = int(flag.item())
+        return signal.Signals(received).name if received else None

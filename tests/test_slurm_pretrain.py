@@ -1,0 +1,105 @@
+"""slurm/pretrain.sbatch on a real two-node Slurm cluster started on this machine (see tests/slurm_cluster.py).
+
+One rank per node (gloo, CPU). A job warned of its time limit (SIGUSR1, as `--signal=USR1@300` sends it) must
+checkpoint on every rank, requeue itself, resume, and finish with the very losses of the same job run without
+interruption. Skipped unless root with Slurm installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.data.preprocess import preprocess
+from tests.slurm_cluster import slurm_cluster
+from tests.test_slurm_preprocess import TERMINAL
+from tests.test_train_cli import REPO, TINY
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A local cluster whose jobs run this interpreter, meet on loopback and find this checkout."""
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield {**env, "WEFT_PYTHON": sys.executable, "WEFT_HOME": str(REPO), "MASTER_ADDR": "127.0.0.1",
+               "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def job_state(env: dict[str, str], job: str) -> tuple[str, int]:
+    """(state, restart count) of a job, from scontrol."""
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True,
+                         timeout=30).stdout
+    state = re.search(r"JobState=(\w+)", out)
+    restarts = re.search(r"Restarts=(\d+)", out)
+    return (state.group(1) if state else "UNKNOWN"), int(restarts.group(1)) if restarts else 0
+
+
+def submit(env: dict[str, str], workdir: Path, run_dir: Path, prefix: str, steps: int) -> str:
+    """sbatch pretrain.sbatch for 2 nodes x 1 CPU rank; returns the job id."""
+    args = [*TINY, f"data.prefix={prefix}", f"data.cache_dir={workdir / 'cache'}", f"train.run_dir={run_dir}",
+            f"train.steps={steps}", "train.log_interval=1", "train.eval_interval=0", "optim.warmup_steps=1",
+            f"optim.decay_steps={steps}"]
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                          "--gpus-per-node=0", f"--output={run_dir.parent / (run_dir.name + '-%j.out')}",
+                          str(REPO / "slurm" / "pretrain.sbatch"), *args],
+                         env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def wait_done(env: dict[str, str], job: str, log: Path, timeout: float = 300.0) -> tuple[str, int]:
+    """Wait for the job to end (a requeue is not an end); returns (state, restarts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state, restarts = job_state(env, job)
+        if state in TERMINAL:
+            return state, restarts
+        if state == "PENDING" and restarts:  # Slurm holds a requeued job ~2 min before it may start again
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True,
+                           timeout=30)
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {state} after {timeout:.0f} s:\n{log.read_text() if log.exists() else ''}")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in lines if "loss" in m]
+    assert steps == sorted(set(steps)), "a step logged twice"
+    return {m["step"]: m["loss"] for m in lines if "loss" in m}
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, slurm_env, stdlib_corpus):
+    """SIGUSR1 to the running job: every rank saves the same step, the job requeues itself (restart 1), resumes and
+    finishes; the per-step losses are the uninterrupted job's, bit for bit."""
+    prefix = str(tmp_path / "stdlib")
+    preprocess([stdlib_corpus], prefix, tokenizer="byte", progress=False, log=lambda *a, **k: None)
+    steps = 200
+    full_dir = tmp_path / "full"
+    full = submit(slurm_env, tmp_path, full_dir, prefix, steps)
+    assert wait_done(slurm_env, full, tmp_path / f"full-{full}.out") == ("COMPLETED", 0)
+
+    run_dir = tmp_path / "stopped"
+    job = submit(slurm_env, tmp_path, run_dir, prefix, steps)
+    log = tmp_path / f"stopped-{job}.out"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 2:
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True, timeout=30)
+    state, restarts = wait_done(slurm_env, job, log)
+    text = log.read_text()
+    assert (state, restarts) == ("COMPLETED", 1), text
+    stopped = re.search(r"SIGUSR1: stopped after step (\d+) of 200, checkpoint saved", text)
+    assert stopped and 2 <= int(stopped.group(1)) < steps, text
+    assert "requeueing job" in text and "restart 1" in text, text
+    assert f"resuming from {run_dir / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in text, text
+    assert losses(run_dir) == losses(full_dir)
+    assert len(set(losses(full_dir).values())) > steps // 2  # the losses move: equality is not trivial
