@@ -321,5 +321,28 @@ def test_trainer_logs_to_wandb_and_keeps_the_run_id_across_resume(wandb_env):
     assert_no_wandb_core()
 
 
+def test_a_run_stopped_by_a_signal_is_marked_preempted(wandb_env):
+    """SIGUSR1 mid-run (Slurm's time-limit warning): the W&B run is marked preempting, not finished or failed."""
+    import signal
+
+    import torch
+
+    from engine.parallel.state import ParallelState
+    from engine.training.trainer import Trainer
+    from tests.test_preemption import signal_after
+    from tests.test_trainer import tiny_config, write_pattern_shard
+
+    cfg = tiny_config(write_pattern_shard(wandb_env / "shard"), str(wandb_env / "cache"))
+    cfg.logging.wandb, cfg.logging.wandb_mode = True, "offline"
+    (wandb_env / "run").mkdir()
+    trainer = Trainer(cfg, ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu")), wandb_env / "run")
+    signal_after(trainer, 2, signal.SIGUSR1)
+    trainer.fit()
+    assert trainer.stopped_by == "SIGUSR1" and trainer.step == 2
+    kinds = [r.WhichOneof("record_type") for r in read_records(offline_files(wandb_env / "run")[0])]
+    assert "preempting" in kinds and kinds[-1] == "exit"
+    assert_no_wandb_core()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
