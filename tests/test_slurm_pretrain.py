@@ -76,30 +76,45 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in lines if "loss" in m}
 
 
-def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, slurm_env, stdlib_corpus):
-    """SIGUSR1 to the running job: every rank saves the same step, the job requeues itself (restart 1), resumes and
-    finishes; the per-step losses are the uninterrupted job's, bit for bit."""
-    prefix = str(tmp_path / "stdlib")
-    preprocess([stdlib_corpus], prefix, tokenizer="byte", progress=False, log=lambda *a, **k: None)
-    steps = 200
-    full_dir = tmp_path / "full"
-    full = submit(slurm_env, tmp_path, full_dir, prefix, steps)
-    assert wait_done(slurm_env, full, tmp_path / f"full-{full}.out") == ("COMPLETED", 0)
+STEPS = 200
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_env, stdlib_corpus, tmp_path_factory) -> tuple[str, dict[int, float]]:
+    """The shard prefix, and the per-step losses of the job run without interruption."""
+    workdir = tmp_path_factory.mktemp("pretrain")
+    prefix = str(workdir / "stdlib")
+    preprocess([stdlib_corpus], prefix, tokenizer="byte", progress=False, log=lambda *a, **k: None)
+    full_dir = workdir / "full"
+    job = submit(slurm_env, workdir, full_dir, prefix, STEPS)
+    assert wait_done(slurm_env, job, workdir / f"full-{job}.out") == ("COMPLETED", 0)
+    full = losses(full_dir)
+    assert sorted(full) == list(range(1, STEPS + 1))
+    assert len(set(full.values())) > STEPS // 2  # the losses move: equality below is not trivial
+    return prefix, full
+
+
+@pytest.mark.parametrize("to_batch_shell", [False, True], ids=["signal-USR1", "signal-B-USR1"])
+def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, slurm_env, uninterrupted,
+                                                                     to_batch_shell):
+    """SIGUSR1 to the running job's ranks (--signal=USR1@N), or to its batch shell alone (--signal=B:USR1@N): every
+    rank saves the same step, the job requeues itself (restart 1), resumes and finishes; the per-step losses are the
+    uninterrupted job's, bit for bit."""
+    prefix, full = uninterrupted
     run_dir = tmp_path / "stopped"
-    job = submit(slurm_env, tmp_path, run_dir, prefix, steps)
+    job = submit(slurm_env, tmp_path, run_dir, prefix, STEPS)
     log = tmp_path / f"stopped-{job}.out"
     deadline = time.monotonic() + 120
     while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 2:
         assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
         time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True, timeout=30)
+    subprocess.run(["scancel", "--signal=USR1", *(["--batch"] if to_batch_shell else []), job], env=slurm_env,
+                   check=True, timeout=30)
     state, restarts = wait_done(slurm_env, job, log)
     text = log.read_text()
     assert (state, restarts) == ("COMPLETED", 1), text
-    stopped = re.search(r"SIGUSR1: stopped after step (\d+) of 200, checkpoint saved", text)
-    assert stopped and 2 <= int(stopped.group(1)) < steps, text
+    stopped = re.search(rf"SIGUSR1: stopped after step (\d+) of {STEPS}, checkpoint saved", text)
+    assert stopped and 2 <= int(stopped.group(1)) < STEPS, text
     assert "requeueing job" in text and "restart 1" in text, text
     assert f"resuming from {run_dir / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in text, text
-    assert losses(run_dir) == losses(full_dir)
-    assert len(set(losses(full_dir).values())) > steps // 2  # the losses move: equality is not trivial
+    assert losses(run_dir) == full
