@@ -52,14 +52,19 @@ def first_batch_loss(trainer: Trainer) -> float:
 
 
 def whole_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """Every parameter and AdamW moment, unsplit and unpadded (the same on every rank)."""
+    """Every parameter and AdamW moment, unsplit and unpadded (the same on every rank); asserts the vocabulary
+    padding rows of each are zero."""
     vocab, group = trainer.cfg.model.vocab_size, trainer.state.tp_group
     out = {}
     for name, p in trainer.model.named_parameters():
-        out[name] = unsplit(p, p, group, vocab)
-        for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{name}.{key}"] = unsplit(trainer.optimizer.state[p][key], p, group, vocab)
-        out[f"{name}.step"] = trainer.optimizer.state[p]["step"].clone()
+        state = trainer.optimizer.state[p]
+        for key, t in [(name, p), (f"{name}.exp_avg", state["exp_avg"]), (f"{name}.exp_avg_sq", state["exp_avg_sq"])]:
+            whole = unsplit(t, p, group, vocab=2**31)  # padding rows kept
+            if getattr(p, "tp_vocab", False):
+                assert not whole[vocab:].any(), f"{key}: padding rows not zero"
+                whole = whole[:vocab]
+            out[key] = whole
+        out[f"{name}.step"] = state["step"].clone()
     return out
 
 

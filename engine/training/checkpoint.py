@@ -34,6 +34,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.state import ParallelState
 from engine.training.reshard import (
     CheckpointError,
@@ -308,14 +309,15 @@ def _load_optimizer(source: TensorSource, groups: list[dict], model: torch.nn.Mo
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     if current != [g["params"] for g in groups]:
         raise CheckpointError(f"{source.where}: the optimizer's parameter groups differ from the checkpoint's")
+    rank, world = tp_rank(group), tp_size(group)
     by_param: dict[str, dict[str, torch.Tensor]] = {}  # "param.name.exp_avg" -> by_param["param.name"]["exp_avg"]
     for key in source.names():
         name, field = key.rsplit(".", 1)
         if name not in params:
             raise CheckpointError(f"{source.where}: optimizer state for {name}, which this model does not have")
         scalar = not source.shape(key)  # a step count; the moments are laid out like their parameter
-        by_param.setdefault(name, {})[field] = source.read(key) if scalar else local_part(source, key, params[name],
-                                                                                          group)
+        by_param.setdefault(name, {})[field] = (source.read(key) if scalar
+                                                else local_part(source, key, params[name], rank, world))
     state_dict = {"state": {}, "param_groups": []}
     index = 0
     for g in groups:

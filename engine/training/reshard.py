@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
+from engine.parallel.mappings import tp_rank, tp_size
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, truncated or does not fit the model."""
@@ -58,6 +60,7 @@ class FullTensors:
         t = self.tensors[key]
         if dim is None:
             return t
+        start = min(start, t.shape[dim])  # a rank whose part is all vocabulary padding reads nothing
         return t.narrow(dim, start, min(t.shape[dim] if stop is None else stop, t.shape[dim]) - start)
 
 
@@ -86,9 +89,17 @@ class CheckpointTensors:
         """Every tensor's name (each file holds the same names)."""
         return list(self.files[0].keys())
 
+    def _slice(self, t: int, key: str):
+        """File `t`'s lazily read view of `key`."""
+        try:
+            return self.files[t].get_slice(key)
+        except (SafetensorError, KeyError) as e:
+            raise CheckpointError(f"{self.where}: {key} cannot be read from its tensor-parallel file {t} ({e}); "
+                                  "the checkpoint is damaged") from None
+
     def _split(self, key: str) -> tuple[int | None, int | None, list[int]]:
         """The split dimension (None: replicated), the real vocabulary rows (None: no padding), file 0's shape."""
-        shape = self.files[0].get_slice(key).get_shape()
+        shape = self._slice(0, key).get_shape()
         if not shape:  # a scalar (an optimizer step count)
             return None, None, shape
         how = self.layout.get(self.parameter_of(key), {})
@@ -98,7 +109,7 @@ class CheckpointTensors:
         """The whole tensor's shape: the files' parts joined along the split dimension, padding rows dropped."""
         dim, rows, shape = self._split(key)
         if dim is not None:
-            shape[dim] = sum(f.get_slice(key).get_shape()[dim] for f in self.files)
+            shape[dim] = sum(self._slice(t, key).get_shape()[dim] for t in range(len(self.files)))
         if rows is not None:
             shape[0] = rows
         return tuple(shape)
@@ -113,13 +124,13 @@ class CheckpointTensors:
         if dim is not None:
             want[dim] = [start, min(whole[dim] if stop is None else stop, whole[dim])]
         pieces, offset = [], 0
-        for f in self.files if split is not None else self.files[:1]:
+        for t in range(len(self.files) if split is not None else 1):
             index = []
             for d, (lo, hi) in enumerate(want):
                 if d == split:  # this file holds [offset, offset + its size) of the split dimension
                     lo, hi = min(max(lo - offset, 0), file_shape[d]), min(max(hi - offset, 0), file_shape[d])
                 index.append(slice(lo, max(lo, hi)))
-            pieces.append(f.get_slice(key)[tuple(index)])
+            pieces.append(self._slice(t, key)[tuple(index)])
             offset += file_shape[split] if split is not None else 0
         return torch.cat(pieces, dim=split) if len(pieces) > 1 else pieces[0]
 
@@ -130,9 +141,9 @@ def tp_layout(model: torch.nn.Module) -> dict[str, dict]:
             for name, p in model.named_parameters() if hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)}
 
 
-def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """This TP rank's part of whole tensor `key` for parameter `p` (or a state of p's shape), padded like `p`."""
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int, world: int) -> torch.Tensor:
+    """TP rank `rank` of `world`'s part of whole tensor `key` for parameter `p` (or a state of p's shape), padded
+    like `p`."""
     dim, rows = getattr(p, "tp_dim", None), getattr(p, "tp_vocab", None)
     whole = list(p.shape)
     if dim is not None:
@@ -167,7 +178,7 @@ def copy_parameters(model: torch.nn.Module, source: TensorSource, group: dist.Pr
                               "saved with?")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(local_part(source, name, p, group))
+            p.copy_(local_part(source, name, p, tp_rank(group), tp_size(group)))
 
 
 def read_whole(source: TensorSource) -> dict[str, torch.Tensor]:
