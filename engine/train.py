@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -42,7 +41,7 @@ from engine.training.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from engine.training.preemption import EXIT_STOPPED, STOP_SIGNALS
+from engine.training.preemption import StopSignals, exit_stopped
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -183,9 +182,8 @@ def run_directory(config: Config) -> Path:
     return Path(config.train.run_dir)
 
 
-def run(cfg: DictConfig) -> int:
-    """Validate everything, then set up the mesh and train; returns the exit code (EXIT_STOPPED: stopped by a
-    signal after a checkpoint, run again to continue)."""
+def run(cfg: DictConfig) -> None:
+    """Validate everything, then set up the mesh and train (a stop signal ends the process: exit_stopped)."""
     config = to_config(cfg)
     rank, world = world_from_env()
     p = config.parallel
@@ -196,7 +194,7 @@ def run(cfg: DictConfig) -> int:
     if config.train.dry_run:
         if rank == 0:
             dry_run(config)
-        return 0
+        return
     check_environment(config)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
@@ -206,44 +204,39 @@ def run(cfg: DictConfig) -> int:
 
     from engine.training.trainer import Trainer, run_info, write_json
 
-    state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
-    run_dir = run_directory(config)
-    try:
-        checkpoint = latest_checkpoint(run_dir) if config.train.resume == "auto" else None
-        resume_step = read_meta(checkpoint)["step"] if checkpoint is not None else None
-        if state.is_logging_rank:
-            if checkpoint is not None:
-                print(f"resuming from {checkpoint} (step {resume_step})")
-            elif config.train.resume == "auto":
-                print(f"no checkpoint in {checkpoints_dir(run_dir)}: starting fresh")
-            elif (checkpoints_dir(run_dir) / "latest").exists():
-                print(f"note: train.resume=none, but {checkpoints_dir(run_dir)} holds an earlier run's checkpoints; "
-                      "this run's own replace them as it reaches their steps", file=sys.stderr)
-            prepare_run_dir(run_dir, config, resume_step)
-        if world > 1:
-            dist.barrier()
-        trainer = Trainer(config, state, run_dir)
-        if checkpoint is not None:
-            trainer.resume(checkpoint)
-        elif config.train.init_from:
-            trainer.init_weights_from(config.train.init_from)
-        if state.is_logging_rank:
-            write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
-        trainer.fit()
-        if trainer.stopped_by is not None:
-            # The checkpoint is saved and every rank exits 75. Under `srun --kill-on-bad-exit` the first such exit
-            # has Slurm SIGTERM the ranks still exiting: every rank ignores it before any rank exits (the barrier),
-            # so no exit code turns into 143 (the logging rank may still be finishing its W&B run).
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+    # From here on SIGTERM and SIGUSR1 (preemption, Slurm's time-limit warning) only ask for a stop: after the next
+    # step every rank checkpoints and the process exits 75 (engine/training/preemption.py).
+    with StopSignals() as stop:
+        state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
+        run_dir = run_directory(config)
+        try:
+            checkpoint = latest_checkpoint(run_dir) if config.train.resume == "auto" else None
+            resume_step = read_meta(checkpoint)["step"] if checkpoint is not None else None
+            if state.is_logging_rank:
+                if checkpoint is not None:
+                    print(f"resuming from {checkpoint} (step {resume_step})")
+                elif config.train.resume == "auto":
+                    print(f"no checkpoint in {checkpoints_dir(run_dir)}: starting fresh")
+                elif (checkpoints_dir(run_dir) / "latest").exists():
+                    print(f"note: train.resume=none, but {checkpoints_dir(run_dir)} holds an earlier run's "
+                          "checkpoints; this run's own replace them as it reaches their steps", file=sys.stderr)
+                prepare_run_dir(run_dir, config, resume_step)
             if world > 1:
                 dist.barrier()
-            return EXIT_STOPPED
-        if state.is_logging_rank:
-            print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
-        return 0
-    finally:
-        shutdown()
+            trainer = Trainer(config, state, run_dir)
+            if checkpoint is not None:
+                trainer.resume(checkpoint)
+            elif config.train.init_from:
+                trainer.init_weights_from(config.train.init_from)
+            if state.is_logging_rank:
+                write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
+            trainer.fit(stop)
+            if trainer.stopped_by is not None:
+                exit_stopped(world > 1)
+            if state.is_logging_rank:
+                print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
+        finally:
+            shutdown()
 
 
 def _plain_warning(message, category, filename, lineno, line=None) -> str:
@@ -257,7 +250,7 @@ def main(cfg: DictConfig) -> None:
     warnings.formatwarning = _plain_warning
     rank, _ = world_from_env()
     try:
-        code = run(cfg)
+        run(cfg)
     except ConfigError as e:
         if rank == 0:  # every rank finds the same problem; say it once
             print(f"error: {e}", file=sys.stderr)
@@ -267,8 +260,6 @@ def main(cfg: DictConfig) -> None:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if code:
-        sys.exit(code)
 
 
 if __name__ == "__main__":

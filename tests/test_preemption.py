@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,21 +37,23 @@ def signal_after(trainer: Trainer, step: int, sig: signal.Signals) -> None:
 
 
 def stop_scenario(rank: int, world_size: int, shard: str, cache: str, root: str) -> dict:
-    """DP over every rank: an uninterrupted run; a run whose last rank alone gets SIGUSR1 after step 3, resumed."""
+    """DP over every rank: an uninterrupted run; a run whose last rank alone gets SIGUSR1 after step 5 (an evaluation
+    step), resumed."""
     state = init_parallel(1, 1, world_size, torch.device("cpu"))
     base = Path(root)
     full = losses_by_step(make_trainer(shard, cache, base / "full", 8, state, dp=world_size).fit())
     stopped = make_trainer(shard, cache, base / "stop", 8, state, dp=world_size)
     if rank == world_size - 1:  # the others learn of it only through the stop flag's all-reduce
-        signal_after(stopped, 3, signal.SIGUSR1)
-    before = losses_by_step(stopped.fit())
+        signal_after(stopped, 5, signal.SIGUSR1)
+    records = stopped.fit()
+    before = losses_by_step(records)
     handler_restored = signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
     checkpoint = latest_checkpoint(base / "stop")
     resumed = make_trainer(shard, cache, base / "stop", 8, state, dp=world_size)
     resumed.resume(checkpoint)
     return {"full": full, "before": before, "after": losses_by_step(resumed.fit()), "stopped_by": stopped.stopped_by,
             "stopped_at": stopped.step, "checkpoint": checkpoint.name, "handler_restored": handler_restored,
-            "finished_by": resumed.stopped_by}
+            "finished_by": resumed.stopped_by, "evaluated_at": [r["step"] for r in records if "val_loss" in r]}
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +63,15 @@ def shard(tmp_path_factory) -> tuple[str, str]:
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_resume_is_exact(tmp_path, shard):
-    """2 DP ranks (dropout 0.1, save_interval 0): SIGUSR1 to rank 1 alone after step 3 -> both save step 3 and
-    stop; resuming gives steps 4-8 of the uninterrupted run bit for bit; the signal handlers are restored."""
+    """2 DP ranks (dropout 0.1, save_interval 0): SIGUSR1 to rank 1 alone after step 5 -> both save step 5 and
+    stop, skipping that step's evaluation (the time goes to the checkpoint); resuming gives steps 6-8 of the
+    uninterrupted run bit for bit; the signal handlers are restored."""
     per_rank = run_ranks(2, stop_scenario, *shard, str(tmp_path), timeout=300)
     for rank, r in enumerate(per_rank):
-        assert r["stopped_by"] == "SIGUSR1" and r["stopped_at"] == 3, (rank, r["stopped_by"], r["stopped_at"])
-        assert r["checkpoint"] == "step_00000003" and r["handler_restored"] and r["finished_by"] is None
-        assert sorted(r["before"]) == [1, 2, 3] and sorted(r["after"]) == [4, 5, 6, 7, 8]
+        assert r["stopped_by"] == "SIGUSR1" and r["stopped_at"] == 5, (rank, r["stopped_by"], r["stopped_at"])
+        assert r["checkpoint"] == "step_00000005" and r["handler_restored"] and r["finished_by"] is None
+        assert sorted(r["before"]) == [1, 2, 3, 4, 5] and sorted(r["after"]) == [6, 7, 8]
+        assert r["evaluated_at"] == [0]  # eval_interval 5: skipped at the stop
         assert {**r["before"], **r["after"]} == r["full"], rank
         assert len(set(r["full"].values())) == len(r["full"])  # the losses move: equality is not trivial
 
@@ -86,16 +91,21 @@ def test_sigterm_to_the_cli_checkpoints_exits_75_and_the_same_command_resumes(tm
                 "optim.decay_steps=400"]
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command(400), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        for line in proc.stdout:  # training has started once step 2 is logged
-            if line.startswith("step      2 |"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a pipe nobody drains could fill and block it
+        proc = subprocess.Popen(command(400), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr,
+                                text=True)
+        watchdog = threading.Timer(120, proc.kill)  # never hang, whatever the child does
+        watchdog.start()
+        try:
+            for line in proc.stdout:  # training has started once step 2 is logged
+                if line.startswith("step      2 |"):
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            proc.communicate()
+        finally:
+            watchdog.cancel()
+            proc.kill()
+    err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == EXIT_STOPPED, err
     stopped_at = int(latest_checkpoint(run).name.removeprefix("step_"))
     assert 2 <= stopped_at < 400

@@ -1,16 +1,20 @@
 """Stopping on a signal: every rank checkpoints after the same step and exits, so a preempted job resumes.
 
-Slurm sends SIGTERM when it preempts or cancels a job and, with `#SBATCH --signal=USR1@300`, SIGUSR1 that many
-seconds before the time limit; `kill` and container runtimes send SIGTERM too. Here a signal only raises a flag.
-After each step every rank learns whether any rank got one, by a MAX all-reduce of one number (the signal may reach
-the ranks during different steps, or reach only some of them), and then all save and stop together. The run exits
-with EXIT_STOPPED, which `slurm/pretrain.sbatch` turns into a requeue; rerunning the same command resumes.
+Slurm sends SIGTERM when it preempts a job (with the partition's GraceTime) and, with `#SBATCH --signal=USR1@300`,
+SIGUSR1 that many seconds before the time limit; `kill` and container runtimes send SIGTERM too. Here a signal only
+raises a flag. After each step every rank learns whether any rank got one, by a MAX all-reduce of one number (the
+signal may reach the ranks during different steps, or reach only some of them), and then all save and stop
+together: the run exits with EXIT_STOPPED, which `slurm/pretrain.sbatch` turns into a requeue, and rerunning the
+same command resumes.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -22,8 +26,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopSignals:
     """While inside, SIGTERM and SIGUSR1 request a stop instead of killing the process (main thread only)."""
 
-    def __init__(self, device: torch.device, distributed: bool):
-        self.device, self.distributed = device, distributed
+    def __init__(self):
         self.received = 0  # the signal number, 0 for none
         self._previous: dict[int, object] = {}
 
@@ -41,11 +44,26 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         self.received = signum
 
-    def requested(self) -> str | None:
-        """The name of a stop signal that any rank received, or None; every rank must call this at the same point."""
+    def requested(self, device: torch.device, distributed: bool) -> str | None:
+        """The name of a stop signal that any rank received, or None; with `distributed`, a collective that every
+        rank must call at the same point (a one-number all-reduce on `device`)."""
         received = self.received
-        if self.distributed:
-            flag = torch.tensor([received], dtype=torch.int32, device=self.device)
+        if distributed:
+            flag = torch.tensor([received], dtype=torch.int32, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             received = int(flag.item())
         return signal.Signals(received).name if received else None
+
+
+def exit_stopped(distributed: bool) -> NoReturn:
+    """End the process with EXIT_STOPPED once every rank is here (the checkpoint is saved and durable).
+
+    The ranks leave together and at once: under `srun --kill-on-bad-exit` the first exit 75 has Slurm terminate the
+    others, and a rank still tearing down (interpreter, process groups) when its KillWait ends would be killed, turning
+    the job's exit code from 75 into 137 (no requeue). Nothing is left to tear down that the OS does not reclaim.
+    """
+    if distributed:
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_STOPPED)

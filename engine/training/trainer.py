@@ -183,8 +183,12 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
     # ------------------------------------------------------------------------------------------- the run
-    def fit(self) -> list[dict]:
-        """Train for `train.steps` steps with evaluation and logging; returns every metrics record written."""
+    def fit(self, stop: StopSignals | None = None) -> list[dict]:
+        """Train for `train.steps` steps with evaluation and logging; returns every metrics record written.
+
+        A stop signal (SIGTERM, SIGUSR1) ends it early after a checkpoint, with `stopped_by` set. `stop` watches for
+        them (engine/train.py keeps one for the whole process); None: watch while fit runs.
+        """
         t = self.cfg.train
         lg = self.cfg.logging
         logger = MetricsLogger(self.run_dir, self.state.is_logging_rank, t.steps, self.step, lg.progress_bar,
@@ -208,7 +212,8 @@ class Trainer:
 
         ok = False
         try:
-            self._train_loop(t, emit, logger, throughput, evaluate, can_eval)
+            with contextlib.nullcontext(stop) if stop is not None else StopSignals() as watcher:
+                self._train_loop(t, emit, logger, throughput, evaluate, can_eval, watcher)
             ok = True
         finally:
             logger.close()
@@ -216,40 +221,40 @@ class Trainer:
                 wandb.finish(0 if ok else 1, preempted=self.stopped_by is not None)
         return records
 
-    def _train_loop(self, t, emit, logger, throughput, evaluate, can_eval) -> None:
-        """The step loop: train, log, evaluate, checkpoint."""
+    def _train_loop(self, t, emit, logger, throughput, evaluate, can_eval, stop: StopSignals) -> None:
+        """The step loop: train, log, evaluate, checkpoint; stop early after a checkpoint when signalled."""
         tokens_per_step = t.global_batch_size * t.seq_len
         world = self.state.world_size
         if can_eval and self.step == 0:  # a resumed run evaluated at its checkpoint already
             evaluate()
         profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
-        with StopSignals(self.device, world > 1) as stop:
-            while self.step < t.steps:
-                with profiler.step(self.step + 1):
-                    metrics = self.train_step()
-                throughput.add(tokens_per_step)
-                logger.advance(1, metrics["loss"])
-                last = self.step == t.steps
-                if self.step % t.log_interval == 0 or last:
-                    tps = throughput.read()
-                    per_device = tps / world
-                    emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
-                          "tflops_per_device": self.flops_per_token * per_device / 1e12,
-                          "mfu": mfu(self.flops_per_token, per_device, self.peak),
-                          "peak_memory_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_steps,
-                          **self.progress()})
-                if can_eval and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
-                    evaluate()
-                self.stopped_by = None if last else stop.requested()
-                if (t.save_interval and self.step % t.save_interval == 0) or last or self.stopped_by:
-                    t0 = time.perf_counter()
-                    self.save()
-                    throughput.exclude(time.perf_counter() - t0)
-                if self.stopped_by:
-                    if self.state.is_logging_rank:
-                        print(f"{self.stopped_by}: stopped after step {self.step} of {t.steps}, checkpoint saved; "
-                              "run the same command again (or requeue the job) to continue", file=sys.stderr)
-                    return
+        while self.step < t.steps:
+            with profiler.step(self.step + 1):
+                metrics = self.train_step()
+            throughput.add(tokens_per_step)
+            logger.advance(1, metrics["loss"])
+            last = self.step == t.steps
+            if self.step % t.log_interval == 0 or last:
+                tps = throughput.read()
+                per_device = tps / world
+                emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
+                      "tflops_per_device": self.flops_per_token * per_device / 1e12,
+                      "mfu": mfu(self.flops_per_token, per_device, self.peak),
+                      "peak_memory_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_steps,
+                      **self.progress()})
+            # Before evaluating: the time left after a signal (Slurm's lead or grace time) goes to the checkpoint.
+            self.stopped_by = None if last else stop.requested(self.device, world > 1)
+            if can_eval and not self.stopped_by and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
+                evaluate()
+            if (t.save_interval and self.step % t.save_interval == 0) or last or self.stopped_by:
+                t0 = time.perf_counter()
+                self.save()
+                throughput.exclude(time.perf_counter() - t0)
+            if self.stopped_by:
+                if self.state.is_logging_rank:
+                    print(f"{self.stopped_by}: stopped after step {self.step} of {t.steps}, checkpoint saved; "
+                          "run the same command again (or requeue the job) to continue", file=sys.stderr)
+                return
 
     def _start_wandb(self):
         """The W&B run on the logging rank (same id across resumes), its id shared with every rank for checkpoints."""
