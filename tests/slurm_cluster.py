@@ -56,7 +56,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _slurm_conf(root: Path, munge_socket: Path, cpus: int) -> str:
-    """slurm.conf text: this host as controller, nodes n1 and n2 on loopback, state and logs under `root`."""
+    """slurm.conf text: this host as controller, nodes n1 and n2 on loopback, state and logs under `root`.
+
+    Jobs run in partition `debug`; a job in `urgent` preempts them (SIGTERM, 60 s grace, then requeued).
+    """
     ctld_port, *node_ports = _free_ports(1 + len(NODES))
     nodes = "\n".join(
         f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={cpus} State=UNKNOWN"
@@ -90,7 +93,10 @@ MailProg=/bin/true
 ReturnToService=2
 MinJobAge=3600
 {nodes}
-PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes={",".join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 

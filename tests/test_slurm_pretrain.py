@@ -1,8 +1,10 @@
 """slurm/pretrain.sbatch on a real two-node Slurm cluster started on this machine (see tests/slurm_cluster.py).
 
-One rank per node (gloo, CPU). A job warned of its time limit (SIGUSR1, as `--signal=USR1@300` sends it) must
-checkpoint on every rank, requeue itself, resume, and finish with the very losses of the same job run without
-interruption. Skipped unless root with Slurm installed.
+One rank per node (gloo, CPU). A job warned of its time limit (SIGUSR1 to the ranks, as `--signal=USR1@300` sends
+it, or to the batch shell alone, as `--signal=B:USR1@300` does), and a job preempted by a job of a higher-priority
+partition (SIGTERM to the ranks, then a requeue by Slurm), must checkpoint on every rank, come back, resume, and
+finish with the very losses of the same job run without interruption. A cancelled job saves but must not requeue
+itself, and a failing one must not be requeued. Skipped unless root with Slurm installed.
 """
 
 from __future__ import annotations
@@ -94,27 +96,65 @@ def uninterrupted(slurm_env, stdlib_corpus, tmp_path_factory) -> tuple[str, dict
     return prefix, full
 
 
-@pytest.mark.parametrize("to_batch_shell", [False, True], ids=["signal-USR1", "signal-B-USR1"])
-def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(tmp_path, slurm_env, uninterrupted,
-                                                                     to_batch_shell):
-    """SIGUSR1 to the running job's ranks (--signal=USR1@N), or to its batch shell alone (--signal=B:USR1@N): every
-    rank saves the same step, the job requeues itself (restart 1), resumes and finishes; the per-step losses are the
-    uninterrupted job's, bit for bit."""
+def wait_for_steps(run_dir: Path, log: Path, steps: int = 2) -> None:
+    """Wait until the run has logged `steps` training steps."""
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < steps:
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.1)
+
+
+ROUTES = {  # how the job is told to stop: the command, and the signal its ranks see
+    "time-limit-USR1": (["scancel", "--signal=USR1", "{job}"], "SIGUSR1"),
+    "time-limit-B-USR1": (["scancel", "--signal=USR1", "--batch", "{job}"], "SIGUSR1"),
+    "preempted": (["sbatch", "--partition=urgent", "--nodes=2", "--output=/dev/null", "--wrap=sleep 2"], "SIGTERM"),
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_a_stopped_job_checkpoints_comes_back_and_resumes_exactly(tmp_path, slurm_env, uninterrupted, route):
+    """Every rank saves the same step, the job runs again (restart 1) and resumes; every step is logged once with
+    the uninterrupted job's loss, bit for bit."""
     prefix, full = uninterrupted
     run_dir = tmp_path / "stopped"
     job = submit(slurm_env, tmp_path, run_dir, prefix, STEPS)
     log = tmp_path / f"stopped-{job}.out"
-    deadline = time.monotonic() + 120
-    while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 2:
-        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", *(["--batch"] if to_batch_shell else []), job], env=slurm_env,
-                   check=True, timeout=30)
+    wait_for_steps(run_dir, log)
+    command, seen = ROUTES[route]
+    subprocess.run([arg.format(job=job) for arg in command], env=slurm_env, check=True, capture_output=True,
+                   timeout=30)
     state, restarts = wait_done(slurm_env, job, log)
     text = log.read_text()
     assert (state, restarts) == ("COMPLETED", 1), text
-    stopped = re.search(rf"SIGUSR1: stopped after step (\d+) of {STEPS}, checkpoint saved", text)
+    stopped = re.search(rf"{seen}: stopped after step (\d+) of {STEPS}, checkpoint saved", text)
     assert stopped and 2 <= int(stopped.group(1)) < STEPS, text
-    assert "requeueing job" in text and "restart 1" in text, text
+    assert "restart 1" in text and "SIGTERM to the batch shell" not in text, text
     assert f"resuming from {run_dir / 'checkpoints' / f'step_{int(stopped.group(1)):08d}'}" in text, text
     assert losses(run_dir) == full
+
+
+def test_a_cancelled_job_saves_and_does_not_requeue_itself(tmp_path, slurm_env, uninterrupted):
+    """scancel: the ranks still save the step they were in, but the job ends CANCELLED instead of coming back."""
+    prefix, _ = uninterrupted
+    run_dir = tmp_path / "cancelled"
+    job = submit(slurm_env, tmp_path, run_dir, prefix, STEPS)
+    log = tmp_path / f"cancelled-{job}.out"
+    wait_for_steps(run_dir, log)
+    subprocess.run(["scancel", job], env=slurm_env, check=True, timeout=30)
+    state, restarts = wait_done(slurm_env, job, log)
+    time.sleep(2)  # the batch shell's last lines
+    text = log.read_text()
+    assert (state, restarts) == ("CANCELLED", 0), text
+    assert "the job is ending, it will not requeue" in text and "requeueing" not in text, text
+    saved = re.search(rf"SIGTERM: stopped after step (\d+) of {STEPS}, checkpoint saved", text)
+    assert saved and (run_dir / "checkpoints" / f"step_{int(saved.group(1)):08d}").is_dir(), text
+
+
+def test_a_failing_job_is_not_requeued(tmp_path, slurm_env):
+    """A job whose training fails (here: its configuration) ends FAILED, once, with the error in its log (srun
+    ends the other ranks when one fails: --kill-on-bad-exit)."""
+    job = submit(slurm_env, tmp_path, tmp_path / "bad", str(tmp_path / "no-such-shard"), STEPS)
+    log = tmp_path / f"bad-{job}.out"
+    assert wait_done(slurm_env, job, log) == ("FAILED", 0)
+    text = log.read_text()
+    assert "error: invalid configuration" in text and "training exited with" in text and "requeue" not in text, text
