@@ -1,11 +1,11 @@
-"""Checkpoint tensors read into any tensor-parallel layout, each rank reading only the bytes of its own part.
+"""Checkpoint tensors read into any tensor-parallel layout, each rank reading only its own part.
 
 A checkpoint holds one parameter file (`model-ppXX-tpYY`) and one optimizer file per tensor-parallel rank, and its
 `meta.json` says how each split parameter was laid out (`tp_layout`: the dimension it was split along, and whether
 its rows are a padded vocabulary). Through that layout a family of files is one unsplit, unpadded tensor per name
 (`CheckpointTensors`). A parameter of the run that loads it wants its own part of that tensor: the slice of its
 split dimension for its TP rank, with zero rows where this run's vocabulary padding falls (`local_part`). Only the
-overlapping rows of the overlapping files are read (safetensors slices are memory-mapped reads), so a rank's host
+overlapping slices of the overlapping files are read (safetensors slices are memory-mapped reads), so a rank's host
 memory holds its own part whatever layout wrote the checkpoint and whatever layout reads it: TP 2 resumes as TP 4,
 TP 8 is exported as one model, and a single-device checkpoint starts a TP run.
 """
