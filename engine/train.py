@@ -182,8 +182,9 @@ def run_directory(config: Config) -> Path:
     return Path(config.train.run_dir)
 
 
-def run(cfg: DictConfig) -> None:
-    """Validate everything, then set up the mesh and train (a stop signal ends the process: exit_stopped)."""
+def run(cfg: DictConfig, stop: StopSignals) -> None:
+    """Validate everything, then set up the mesh and train; after a stop signal (`stop`) every rank checkpoints and
+    the process exits 75 (exit_stopped)."""
     config = to_config(cfg)
     rank, world = world_from_env()
     p = config.parallel
@@ -204,39 +205,36 @@ def run(cfg: DictConfig) -> None:
 
     from engine.training.trainer import Trainer, run_info, write_json
 
-    # From here on SIGTERM and SIGUSR1 (preemption, Slurm's time-limit warning) only ask for a stop: after the next
-    # step every rank checkpoints and the process exits 75 (engine/training/preemption.py).
-    with StopSignals() as stop:
-        state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
-        run_dir = run_directory(config)
-        try:
-            checkpoint = latest_checkpoint(run_dir) if config.train.resume == "auto" else None
-            resume_step = read_meta(checkpoint)["step"] if checkpoint is not None else None
-            if state.is_logging_rank:
-                if checkpoint is not None:
-                    print(f"resuming from {checkpoint} (step {resume_step})")
-                elif config.train.resume == "auto":
-                    print(f"no checkpoint in {checkpoints_dir(run_dir)}: starting fresh")
-                elif (checkpoints_dir(run_dir) / "latest").exists():
-                    print(f"note: train.resume=none, but {checkpoints_dir(run_dir)} holds an earlier run's "
-                          "checkpoints; this run's own replace them as it reaches their steps", file=sys.stderr)
-                prepare_run_dir(run_dir, config, resume_step)
-            if world > 1:
-                dist.barrier()
-            trainer = Trainer(config, state, run_dir)
+    state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
+    run_dir = run_directory(config)
+    try:
+        checkpoint = latest_checkpoint(run_dir) if config.train.resume == "auto" else None
+        resume_step = read_meta(checkpoint)["step"] if checkpoint is not None else None
+        if state.is_logging_rank:
             if checkpoint is not None:
-                trainer.resume(checkpoint)
-            elif config.train.init_from:
-                trainer.init_weights_from(config.train.init_from)
-            if state.is_logging_rank:
-                write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
-            trainer.fit(stop)
-            if trainer.stopped_by is not None:
-                exit_stopped(world > 1)
-            if state.is_logging_rank:
-                print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
-        finally:
-            shutdown()
+                print(f"resuming from {checkpoint} (step {resume_step})")
+            elif config.train.resume == "auto":
+                print(f"no checkpoint in {checkpoints_dir(run_dir)}: starting fresh")
+            elif (checkpoints_dir(run_dir) / "latest").exists():
+                print(f"note: train.resume=none, but {checkpoints_dir(run_dir)} holds an earlier run's "
+                      "checkpoints; this run's own replace them as it reaches their steps", file=sys.stderr)
+            prepare_run_dir(run_dir, config, resume_step)
+        if world > 1:
+            dist.barrier()
+        trainer = Trainer(config, state, run_dir)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        elif config.train.init_from:
+            trainer.init_weights_from(config.train.init_from)
+        if state.is_logging_rank:
+            write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
+        trainer.fit(stop)
+        if trainer.stopped_by is not None:
+            exit_stopped(world > 1)
+        if state.is_logging_rank:
+            print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
+    finally:
+        shutdown()
 
 
 def _plain_warning(message, category, filename, lineno, line=None) -> str:
@@ -249,17 +247,20 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     warnings.formatwarning = _plain_warning
     rank, _ = world_from_env()
-    try:
-        run(cfg)
-    except ConfigError as e:
-        if rank == 0:  # every rank finds the same problem; say it once
+    # From here on SIGTERM and SIGUSR1 (preemption, Slurm's time-limit warning) only ask for a stop: after the next
+    # step every rank checkpoints and the process exits 75 (engine/training/preemption.py).
+    with StopSignals() as stop:
+        try:
+            run(cfg, stop)
+        except ConfigError as e:
+            if rank == 0:  # every rank finds the same problem; say it once
+                print(f"error: {e}", file=sys.stderr)
+            else:  # torchrun stops every rank when one exits: let rank 0 say it first
+                time.sleep(2.0)
+            sys.exit(2)
+        except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
-        else:  # torchrun stops every rank when one exits: let rank 0 say it first
-            time.sleep(2.0)
-        sys.exit(2)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,20 @@ def test_sigterm_to_the_cli_checkpoints_exits_75_and_the_same_command_resumes(tm
     assert r.returncode == 0, r.stderr
     assert f"resuming from {run / 'checkpoints' / f'step_{stopped_at:08d}'}" in r.stdout
     assert [m["step"] for m in metrics(run) if "loss" in m] == list(range(1, stopped_at + 4))
+
+
+def test_a_second_signal_before_the_stop_kills_at_once():
+    """A run that hangs before it can stop (a dead peer, a stuck file system) still dies on the second SIGTERM."""
+    code = ("import os, signal, time\n"
+            "from engine.training.preemption import StopSignals\n"
+            "with StopSignals() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.2)\n"
+            "    print('first: stop requested', stop.received == signal.SIGTERM, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "    print('survived the second')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGTERM, (r.returncode, r.stderr)
+    assert "first: stop requested True" in r.stdout and "survived" not in r.stdout
+    assert "SIGTERM again: stopping now, without a checkpoint" in r.stderr

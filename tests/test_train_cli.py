@@ -180,3 +180,11 @@ def test_a_tensor_parallel_launch_resumes_a_single_process_run(tmp_path, shard):
     assert [m["step"] for m in resumed if "loss" in m] == list(range(1, 9))
     np.testing.assert_allclose([m["loss"] for m in resumed if "loss" in m][4:],
                                [m["loss"] for m in full if "loss" in m][4:], rtol=1e-5)
+
+
+def test_help_explains_usage_and_exit_codes(tmp_path):
+    """`--help` starts with how to run it, its exit codes (75: stopped after a checkpoint), then the groups."""
+    r = train(["--help"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("python -m engine.train [group=option ...]")
+    assert "75 stopped by SIGTERM/SIGUSR1 after a checkpoint" in r.stdout and "model: gpt2_124m" in r.stdout

@@ -322,12 +322,14 @@ def test_trainer_logs_to_wandb_and_keeps_the_run_id_across_resume(wandb_env):
 
 
 def test_a_run_stopped_by_a_signal_is_marked_preempted(wandb_env):
-    """SIGUSR1 mid-run (Slurm's time-limit warning): the W&B run is marked preempting, not finished or failed."""
+    """SIGUSR1 mid-run (Slurm's time-limit warning): the W&B run is marked preempting and ends with exit code 75, so
+    W&B shows it preempted, not finished or crashed."""
     import signal
 
     import torch
 
     from engine.parallel.state import ParallelState
+    from engine.training.preemption import EXIT_STOPPED
     from engine.training.trainer import Trainer
     from tests.test_preemption import signal_after
     from tests.test_trainer import tiny_config, write_pattern_shard
@@ -339,8 +341,10 @@ def test_a_run_stopped_by_a_signal_is_marked_preempted(wandb_env):
     signal_after(trainer, 2, signal.SIGUSR1)
     trainer.fit()
     assert trainer.stopped_by == "SIGUSR1" and trainer.step == 2
-    kinds = [r.WhichOneof("record_type") for r in read_records(offline_files(wandb_env / "run")[0])]
+    records = read_records(offline_files(wandb_env / "run")[0])
+    kinds = [r.WhichOneof("record_type") for r in records]
     assert "preempting" in kinds and kinds[-1] == "exit"
+    assert records[-1].exit.exit_code == EXIT_STOPPED  # W&B shows "preempted" only for a non-zero exit
     assert_no_wandb_core()
 
 

@@ -24,7 +24,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:
-    """While inside, SIGTERM and SIGUSR1 request a stop instead of killing the process (main thread only)."""
+    """While inside, SIGTERM and SIGUSR1 request a stop instead of killing the process (main thread only); a second
+    one before the stop kills it the default way, for a run that hangs (or a user who means it)."""
 
     def __init__(self):
         self.received = 0  # the signal number, 0 for none
@@ -38,10 +39,14 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: installed from C
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if self.received:
+            print(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.received = signum
 
     def requested(self, device: torch.device, distributed: bool) -> str | None:
@@ -62,6 +67,8 @@ def exit_stopped(distributed: bool) -> NoReturn:
     others, and a rank still tearing down (interpreter, process groups) when its KillWait ends would be killed, turning
     the job's exit code from 75 into 137 (no requeue). Nothing is left to tear down that the OS does not reclaim.
     """
+    for sig in STOP_SIGNALS:  # from here a signal (srun ending the ranks after the first exit) changes nothing
+        signal.signal(sig, signal.SIG_IGN)
     if distributed:
         dist.barrier()
     sys.stdout.flush()

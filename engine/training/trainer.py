@@ -43,7 +43,7 @@ from engine.training.metrics import (
     perplexity,
 )
 from engine.training.optimizer import build_optimizer, lr_at, param_groups, set_lr
-from engine.training.preemption import StopSignals
+from engine.training.preemption import EXIT_STOPPED, StopSignals
 from engine.training.reshard import FullTensors, copy_parameters
 from engine.training.schedule import forward_backward_no_pipelining
 
@@ -191,6 +191,7 @@ class Trainer:
         """
         t = self.cfg.train
         lg = self.cfg.logging
+        self.stopped_by = None
         logger = MetricsLogger(self.run_dir, self.state.is_logging_rank, t.steps, self.step, lg.progress_bar,
                                self.peak, f"{device_name(self.device)}, {t.precision}", lg.console)
         records: list[dict] = []
@@ -218,7 +219,8 @@ class Trainer:
         finally:
             logger.close()
             if wandb is not None:
-                wandb.finish(0 if ok else 1, preempted=self.stopped_by is not None)
+                # W&B shows a run marked preempting as preempted only when it exits non-zero
+                wandb.finish(EXIT_STOPPED if self.stopped_by else 0 if ok else 1, preempted=self.stopped_by is not None)
         return records
 
     def _train_loop(self, t, emit, logger, throughput, evaluate, can_eval, stop: StopSignals) -> None:
@@ -246,10 +248,13 @@ class Trainer:
             self.stopped_by = None if last else stop.requested(self.device, world > 1)
             if can_eval and not self.stopped_by and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
                 evaluate()
-            if (t.save_interval and self.step % t.save_interval == 0) or last or self.stopped_by:
+            periodic = bool(t.save_interval and self.step % t.save_interval == 0)
+            if periodic or last or self.stopped_by:
                 t0 = time.perf_counter()
                 self.save()
                 throughput.exclude(time.perf_counter() - t0)
+            if periodic and not self.stopped_by and not last:  # a signal during the evaluation or the save just made
+                self.stopped_by = stop.requested(self.device, world > 1)
             if self.stopped_by:
                 if self.state.is_logging_rank:
                     print(f"{self.stopped_by}: stopped after step {self.step} of {t.steps}, checkpoint saved; "
