@@ -220,7 +220,8 @@ class Trainer:
             logger.close()
             if wandb is not None:
                 # W&B shows a run marked preempting as preempted only when it exits non-zero
-                wandb.finish(EXIT_STOPPED if self.stopped_by else 0 if ok else 1, preempted=self.stopped_by is not None)
+                stopped = ok and self.stopped_by is not None
+                wandb.finish(EXIT_STOPPED if stopped else 0 if ok else 1, preempted=stopped)
         return records
 
     def _train_loop(self, t, emit, logger, throughput, evaluate, can_eval, stop: StopSignals) -> None:
