@@ -29,14 +29,20 @@ from engine.training.checkpoint import load_checkpoint, save_checkpoint  # noqa:
 from engine.training.optimizer import build_optimizer  # noqa: E402
 
 
-def build(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The preset with GPT-2's padded vocabulary, and an AdamW whose state exists (one step on random grads)."""
+def preset_config(name: str, tp: int = 1, vocab: int = 50304) -> Config:
+    """The preset `conf/model/<name>.yaml` with vocabulary `vocab` (default GPT-2's, padded) on `tp` ranks."""
     cfg = Config()
     cfg.model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.model),
                                                     OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")))
-    cfg.model.vocab_size = 50304
-    fill_defaults(cfg, 1)
-    model = GPT(cfg.model)
+    cfg.model.vocab_size, cfg.parallel.tp = vocab, tp
+    return fill_defaults(cfg, tp)
+
+
+def build(name: str, tp: int = 1, group: torch.distributed.ProcessGroup | None = None,
+          vocab: int = 50304) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """This rank's part of the preset (TP `group` of `tp` ranks), and an AdamW whose state exists (one step on
+    random grads)."""
+    model = GPT(preset_config(name, tp, vocab).model, group)
     optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
     for p in model.parameters():
         p.grad = torch.randn_like(p)

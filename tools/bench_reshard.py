@@ -28,25 +28,16 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from engine.config import Config, ConfigError, OptimConfig, fill_defaults, validate  # noqa: E402
-from engine.model import GPT  # noqa: E402
+from engine.config import ConfigError, validate  # noqa: E402
 from engine.parallel.state import ParallelState, init_parallel  # noqa: E402
 from engine.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint  # noqa: E402
-from engine.training.optimizer import build_optimizer  # noqa: E402
 from engine.training.reshard import CheckpointTensors, FullTensors, copy_parameters, read_whole  # noqa: E402
+from tools.bench_checkpoint import build as build_checkpointed  # noqa: E402
+from tools.bench_checkpoint import preset_config  # noqa: E402
 from tools.bench_tp import free_port  # noqa: E402
 
-
-def model_config(name: str, tp: int) -> Config:
-    """The preset `conf/model/<name>.yaml` on `tp` ranks, defaults filled in."""
-    cfg = Config()
-    cfg.model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.model),
-                                                    OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")))
-    cfg.model.vocab_size = cfg.model.vocab_size or 50257
-    cfg.parallel.tp = tp
-    return fill_defaults(cfg, tp)
+VOCAB = 50257  # GPT-2's, unpadded: the padding then differs between TP sizes
 
 
 def memory_kib() -> tuple[int, int]:
@@ -56,14 +47,10 @@ def memory_kib() -> tuple[int, int]:
 
 
 def build(name: str, tp: int) -> tuple[ParallelState, torch.nn.Module, torch.optim.Optimizer]:
-    """This rank's part of the model, with an AdamW whose moments exist."""
+    """This rank's part of the model (GPT-2's unpadded vocabulary), with an AdamW whose moments exist."""
     state = init_parallel(tp, 1, 1, torch.device("cpu"))
     torch.manual_seed(0)
-    model = GPT(model_config(name, tp).model, state.tp_group)
-    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    optimizer.step()
+    model, optimizer = build_checkpointed(name, tp, state.tp_group, VOCAB)
     optimizer.zero_grad(set_to_none=True)
     return state, model, optimizer
 
@@ -112,7 +99,7 @@ def main() -> int:
         p.error(f"--model {args.model}: no conf/model/{args.model}.yaml")
     for tp in (args.save_tp, *args.load_tp):
         try:
-            validate(model_config(args.model, tp), tp)
+            validate(preset_config(args.model, tp, VOCAB), tp)
         except ConfigError as e:
             p.error(f"TP {tp} with --model {args.model}: {e}")
     results = mp.Manager().dict()
