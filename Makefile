@@ -20,11 +20,12 @@ TRAIN_DEMO = OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-nod
 	$(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sequence_parallel=$(SP)) \
 	train.run_dir=$(1) train.resume=none logging.wandb=true logging.wandb_mode=offline $(ARGS)
 
-.PHONY: help venv test test-slow lint demo demo-tp bench gpu-check clean
+.PHONY: help venv test test-slow lint demo demo-tp demo-3d bench gpu-check clean
 
 help:
 	@echo "make demo       built-in corpus -> tokenizer -> shards -> a small GPT trained by $(RANKS) CPU ranks, in $(RUN)/"
 	@echo "make demo-tp    the same job on 4 ranks as tensor parallel 2 x data parallel 2 (with SP), compared with make demo's"
+	@echo "make demo-3d    the same job on 8 ranks as tp 2 (SP) x pipeline 2 (1F1B) x dp 2, compared with make demo's"
 	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
 	@echo "make test-slow  the full matrices and long fault trials"
 	@echo "make bench      data pipeline, training step, checkpoint and (on CUDA) kernel benchmarks"
@@ -74,6 +75,15 @@ demo-tp: $(STAMP)
 	@test -f $(RUN)/train/metrics.jsonl || $(MAKE) demo
 	$(call TRAIN_DEMO,$(RUN)_tp2/train) parallel=tp2
 	$(PY) tools/compare_runs.py $(RUN)_tp2/train $(RUN)/train --rtol 5e-3
+
+# The demo's training on 8 ranks as the full 3D mesh: tensor parallel 2 (SP) x pipeline parallel 2 (1F1B) x data
+# parallel 2, on make demo's shards (run first if absent), then both loss curves side by side. dp is 2 in both, so
+# batches, data order and dropout masks are the same; only fp32 summation order differs.
+demo-3d: RANKS = 8
+demo-3d: $(STAMP)
+	@test -f $(RUN)/train/metrics.jsonl || $(MAKE) demo
+	$(call TRAIN_DEMO,$(RUN)_3d/train) parallel=tp2_pp2_dp2
+	$(PY) tools/compare_runs.py $(RUN)_3d/train $(RUN)/train --rtol 5e-3
 
 # Everything only a GPU can show, in the order worth spending a short GPU lease on; outputs in runs/gpu/ for
 # docs/results.md. Needs a CUDA build of torch in the venv (see README: TORCH=...).

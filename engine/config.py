@@ -17,6 +17,7 @@ RECOMPUTE = ("none", "selective", "full")
 DECAY_STYLES = ("cosine", "linear", "wsd", "constant")
 OPTIM_IMPLS = ("auto", "fused", "foreach", "apex")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "sdpa")
 
 
@@ -56,8 +57,15 @@ class ParallelConfig:
     pp: int = 1
     dp: int | None = None
     sequence_parallel: bool = False
+    # Pipeline stages: None splits the layers evenly; [a, b, ...] gives stage i its own count (one entry per model
+    # chunk, pp x virtual_stages of them, in stage order: chunk c of pipeline rank r is stage c * pp + r).
+    pipeline_layers: list[int] | None = None
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved_1f1b)
+    pipeline_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (used when pp > 1)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     bucket_size_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
+    # A collective or pipeline receive that waits longer than this fails the run instead of hanging it.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -211,7 +219,9 @@ def validate(cfg: Config, world_size: int) -> None:
         ("optim.impl", o.impl, OPTIM_IMPLS), ("kernels.backend", k.backend, KERNEL_BACKENDS),
         ("kernels.attention", k.attention, ATTENTION_BACKENDS), ("parallel.backend", p.backend,
                                                                  ("auto", "nccl", "gloo")),
-        ("train.device", t.device, ("auto", "cpu", "cuda")), ("train.resume", t.resume, ("auto", "none")),
+        ("train.device", t.device, ("auto", "cpu", "cuda")),
+        ("parallel.pipeline_schedule", p.pipeline_schedule, PIPELINE_SCHEDULES),
+        ("train.resume", t.resume, ("auto", "none")),
         ("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline")),
     ]:
         check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -219,6 +229,7 @@ def validate(cfg: Config, world_size: int) -> None:
                         ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
                         ("model.hidden_size", m.hidden_size),
                         ("model.num_heads", m.num_heads), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+                        ("parallel.virtual_stages", p.virtual_stages),
                         ("train.steps", t.steps), ("train.seq_len", t.seq_len),
                         ("train.micro_batch_size", t.micro_batch_size),
                         ("train.global_batch_size", t.global_batch_size), ("train.log_interval", t.log_interval),
@@ -242,8 +253,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if m.ffn_hidden_size is not None:
         check(m.ffn_hidden_size % p.tp == 0,
               f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
-    check(m.num_layers % p.pp == 0,
-          f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; stages need equal layers")
+    errors.extend(pipeline_errors(cfg))
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     check(m.vocab_size is not None and m.vocab_size >= 1,
           f"model.vocab_size={m.vocab_size}: set it, or point data.tokenizer at the run's tokenizer")
@@ -268,10 +278,12 @@ def validate(cfg: Config, world_size: int) -> None:
         check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
               f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
               f"{t.micro_batch_size} x parallel.dp={dp}; use a multiple of {t.micro_batch_size * dp}")
-    check(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallelism is not available yet (set parallel.pp=1)")
-    check(t.precision != "fp16" or p.tp == 1,
-          "train.precision=fp16 with parallel.tp > 1: the loss scaler's overflow check is per rank, so tensor-parallel "
-          "ranks could disagree on skipping a step; use train.precision=bf16")
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.pp > 1 and p.pipeline_schedule == "interleaved_1f1b" and micro_batches % p.pp:
+            errors.append(f"parallel.pipeline_schedule=interleaved_1f1b needs the micro-batches per step "
+                          f"(train.global_batch_size / (train.micro_batch_size x parallel.dp) = {micro_batches}) to be "
+                          f"a multiple of parallel.pp={p.pp}: it runs them in groups of pp on each model chunk")
+    check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
     if p.sequence_parallel and p.tp > 1:
         check(t.seq_len % p.tp == 0,
               f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: sequence parallelism splits the "
@@ -290,6 +302,41 @@ def validate(cfg: Config, world_size: int) -> None:
         check(value >= 0, f"{name}={value} must be >= 0")
     if errors:
         raise ConfigError(_format(errors))
+
+
+def stage_layer_counts(cfg: Config) -> list[int] | None:
+    """Layers of each pipeline stage (pp x virtual_stages of them, in stage order), or None if they do not split."""
+    p, n = cfg.parallel, cfg.model.num_layers
+    stages = p.pp * p.virtual_stages
+    if p.pipeline_layers is not None:
+        counts = list(p.pipeline_layers)
+        return counts if len(counts) == stages and all(c >= 1 for c in counts) and sum(counts) == n else None
+    return [n // stages] * stages if n % stages == 0 else None
+
+
+def pipeline_errors(cfg: Config) -> list[str]:
+    """What is wrong with the pipeline settings (stage split, virtual stages, schedule), as messages."""
+    p, n = cfg.parallel, cfg.model.num_layers
+    stages = p.pp * p.virtual_stages
+    errors = []
+    if p.pipeline_layers is not None:
+        counts = list(p.pipeline_layers)
+        if len(counts) != stages:
+            errors.append(f"parallel.pipeline_layers={counts} has {len(counts)} entries; it needs one per stage: "
+                          f"parallel.pp x parallel.virtual_stages = {stages}")
+        elif any(c < 1 for c in counts) or sum(counts) != n:
+            errors.append(f"parallel.pipeline_layers={counts}: every stage needs at least 1 layer and they must sum to "
+                          f"model.num_layers={n} (they sum to {sum(counts)})")
+    elif n % stages:
+        errors.append(f"model.num_layers={n} does not split evenly into parallel.pp x parallel.virtual_stages = "
+                      f"{stages} stages; give the split with parallel.pipeline_layers=[...] (summing to {n})")
+    if p.virtual_stages > 1 and (p.pp == 1 or p.pipeline_schedule != "interleaved_1f1b"):
+        errors.append(f"parallel.virtual_stages={p.virtual_stages} is for parallel.pipeline_schedule=interleaved_1f1b "
+                      "with parallel.pp > 1; set parallel.virtual_stages=1 otherwise")
+    if p.pp > 1 and p.pipeline_schedule == "interleaved_1f1b" and p.virtual_stages < 2:
+        errors.append("parallel.pipeline_schedule=interleaved_1f1b needs parallel.virtual_stages >= 2 model chunks per "
+                      "rank (with 1 it is plain 1f1b)")
+    return errors
 
 
 def _format(errors: list[str]) -> str:

@@ -57,26 +57,34 @@ def to_config(cfg: DictConfig) -> Config:
 
 
 def dry_run(cfg: Config) -> None:
-    """Print what the run would be - parameters, FLOPs per token, memory per rank - without allocating it."""
-    from engine.model.flops import count_parameters, flops_per_token, parameters_per_rank
+    """Print what the run would be - parameters, FLOPs per token, each stage's share and memory - without
+    allocating it."""
+    from engine.model.flops import count_parameters, flops_per_token
     from engine.parallel.layers import padded_vocab_size
-    from engine.training.memory import estimate_memory
+    from engine.training.memory import estimate_memory, micro_batches_per_step
 
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
     n = count_parameters(cfg.model)
-    m, t = cfg.model, cfg.train
+    m, t, p = cfg.model, cfg.train, cfg.parallel
     print(f"model {m.name} ({m.arch}): {n:,} parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
           f"{m.num_heads} heads ({m.num_kv_heads} KV), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}"
           + (f" (padded to {padded})" if padded != m.vocab_size else ""))
     print(f"FLOPs per token (training): {flops_per_token(m, t.seq_len):.4g} at seq_len {t.seq_len}")
-    mem = estimate_memory(cfg)
-    print("estimated memory per rank: " + ", ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in mem.items()))
-    p = cfg.parallel
-    print(f"parameters per tensor-parallel rank: {parameters_per_rank(m, p.tp):,} (norms, row biases, positions and "
-          "K/V heads fewer than tp are whole on every rank)")
+    micro = micro_batches_per_step(cfg)
     print(f"layout: tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} x dp {p.dp} = "
-          f"{p.tp * p.pp * p.dp} ranks; global batch {t.global_batch_size} = micro "
-          f"{t.micro_batch_size} x accumulation {t.global_batch_size // (t.micro_batch_size * p.dp)} x dp {p.dp}")
+          f"{p.tp * p.pp * p.dp} ranks; global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
+          f"accumulation {micro} x dp {p.dp}"
+          + (f"; schedule {p.pipeline_schedule}" + (f" over {p.virtual_stages} chunks per rank"
+                                                     if p.virtual_stages > 1 else "") if p.pp > 1 else ""))
+    for row in estimate_memory(cfg):
+        where = "every rank" if p.pp == 1 else f"pipeline stage {row['pp_rank']}"
+        layers = ", ".join(f"{a}-{b - 1}" for a, b in row["layers"])
+        print(f"{where} (layers {layers}): {row['parameters']:,} parameters per tensor-parallel rank; estimated "
+              "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
+                                      ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib",
+                                       "total_gib"))
+              + f" ({row['micro_batches_in_flight']} micro-batches in flight)")
+    print("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume_step: int | None) -> None:
@@ -205,8 +213,9 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
 
     from engine.training.trainer import Trainer, run_info, write_json
 
-    state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend)
+    state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend, p.timeout_s)
     run_dir = run_directory(config)
+    trainer = None
     try:
         checkpoint = latest_checkpoint(run_dir) if config.train.resume == "auto" else None
         resume_step = read_meta(checkpoint)["step"] if checkpoint is not None else None
@@ -225,7 +234,9 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         if checkpoint is not None:
             trainer.resume(checkpoint)
         elif config.train.init_from:
-            trainer.init_weights_from(config.train.init_from)
+            from engine.hf import weight_source  # imports transformers when installed: only when asked for
+
+            trainer.init_weights_from(weight_source(config.train.init_from))
         if state.is_logging_rank:
             write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
         trainer.fit(stop)
@@ -233,6 +244,14 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
             exit_stopped(world > 1)
         if state.is_logging_rank:
             print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
+    except Exception as e:
+        if world > 1 and not isinstance(e, CheckpointError):
+            # Say where: the other ranks see only a closed connection or a timeout (parallel.timeout_s).
+            c = state.coords()
+            step = f" in step {trainer.step + 1}" if trainer is not None else " at start-up"
+            print(f"error: rank {state.rank} of {world} (pipeline stage {c.pp}, tensor rank {c.tp}, data rank "
+                  f"{c.dp}) failed{step}: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
     finally:
         shutdown()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.hf import weight_source
 from engine.parallel.state import ParallelState, init_parallel
 from engine.training.checkpoint import (
     CheckpointError,
@@ -174,7 +175,7 @@ def test_init_from_takes_weights_only(tmp_path, shard):
     source = make_trainer(*shard, tmp_path / "src", 3)
     source.fit()
     target = make_trainer(*shard, tmp_path / "dst", 3)
-    target.init_weights_from(tmp_path / "src")
+    target.init_weights_from(weight_source(tmp_path / "src"))
     for a, b in zip(source.model.parameters(), target.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert target.step == 0 and target.consumed_samples == 0 and not target.optimizer.state
@@ -190,7 +191,7 @@ def test_model_mismatch_is_refused(tmp_path, shard):
     other = Trainer(cfg, SINGLE, tmp_path)
     with pytest.raises(CheckpointError, match=r"tok_emb.weight is \(257, 32\) there \(unsplit, unpadded\), but "
                                               r"\(257, 64\) in this model"):
-        other.init_weights_from(tmp_path / "src")
+        other.init_weights_from(weight_source(tmp_path / "src"))
 
 
 def test_vocabulary_mismatch_is_refused_not_padded(tmp_path, shard):
@@ -199,7 +200,7 @@ def test_vocabulary_mismatch_is_refused_not_padded(tmp_path, shard):
     cfg = tiny_config(*shard)
     cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by = 300, 64
     with pytest.raises(CheckpointError, match="257 vocabulary rows there, the model 300"):
-        Trainer(cfg, SINGLE, tmp_path / "dst").init_weights_from(tmp_path / "src")
+        Trainer(cfg, SINGLE, tmp_path / "dst").init_weights_from(weight_source(tmp_path / "src"))
 
 
 def test_resume_with_other_vocabulary_padding_keeps_every_real_row(tmp_path, shard):
@@ -211,7 +212,7 @@ def test_resume_with_other_vocabulary_padding_keeps_every_real_row(tmp_path, sha
     cfg.model.make_vocab_size_divisible_by = 64
     padded = Trainer(cfg, SINGLE, tmp_path / "dst")
     padded.resume(latest_checkpoint(tmp_path / "src"))
-    assert padded.model.tok_emb.weight.shape[0] == 320 and saved.model.tok_emb.weight.shape[0] == 257
+    assert padded.model[0].tok_emb.weight.shape[0] == 320 and saved.model[0].tok_emb.weight.shape[0] == 257
     saved_params = dict(saved.model.named_parameters())
     for name, p in padded.model.named_parameters():
         q = saved_params[name]

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from engine.config import Config, ConfigError, fill_defaults, register_configs, unknown_keys, validate
 from engine.model import GPT
-from engine.model.flops import flops_per_token, parameters_per_rank
+from engine.model.flops import count_parameters, flops_per_token, parameters_per_rank
 from engine.training.memory import estimate_memory
 from engine.training.metrics import mfu, peak_tflops
 from engine.training.optimizer import lr_at, param_groups
@@ -78,7 +78,22 @@ RULES = [
     ({"model__hidden_size": 100, "model__num_heads": 3}, 1, "hidden_size=100 is not divisible by model.num_heads=3"),
     ({"model__num_kv_heads": 3}, 1, "not a multiple of model.num_kv_heads=3"),
     ({"parallel__tp": 3}, 3, "model.num_heads=4 is not divisible by parallel.tp=3"),
-    ({"model__num_layers": 3, "parallel__pp": 2}, 2, "model.num_layers=3 is not divisible by parallel.pp=2"),
+    ({"model__num_layers": 3, "parallel__pp": 2}, 2,
+     "model.num_layers=3 does not split evenly into parallel.pp x parallel.virtual_stages = 2 stages"),
+    ({"model__num_layers": 3, "parallel__pp": 2, "parallel__pipeline_layers": [1, 1]}, 2,
+     "parallel.pipeline_layers=[1, 1]: every stage needs at least 1 layer and they must sum to model.num_layers=3"),
+    ({"model__num_layers": 4, "parallel__pp": 2, "parallel__pipeline_layers": [4]}, 2,
+     "parallel.pipeline_layers=[4] has 1 entries; it needs one per stage"),
+    ({"model__num_layers": 4, "parallel__pp": 2, "parallel__virtual_stages": 2}, 2,
+     "parallel.virtual_stages=2 is for parallel.pipeline_schedule=interleaved_1f1b"),
+    ({"model__num_layers": 4, "parallel__pp": 2, "parallel__pipeline_schedule": "interleaved_1f1b"}, 2,
+     "interleaved_1f1b needs parallel.virtual_stages >= 2"),
+    ({"model__num_layers": 4, "parallel__pp": 2, "parallel__pipeline_schedule": "interleaved_1f1b",
+      "parallel__virtual_stages": 2, "train__global_batch_size": 12, "train__micro_batch_size": 4}, 2,
+     "needs the micro-batches per step (train.global_batch_size / (train.micro_batch_size x parallel.dp) = 3) to be "
+     "a multiple of parallel.pp=2"),
+    ({"parallel__pipeline_schedule": "zb"}, 1, "parallel.pipeline_schedule='zb' is not one of gpipe, 1f1b"),
+    ({"parallel__timeout_s": 0}, 1, "parallel.timeout_s=0 must be positive"),
     ({"parallel__dp": 2}, 4, "= 2 but the world size is 4"),
     ({"train__global_batch_size": 10, "train__micro_batch_size": 4}, 1, "train.global_batch_size=10 is not a multiple"),
     ({"train__global_batch_size": 12, "train__micro_batch_size": 4}, 2, "micro_batch_size=4 x parallel.dp=2"),
@@ -91,10 +106,8 @@ RULES = [
     ({"model__arch": "llama", "model__hidden_size": 12, "model__num_heads": 4}, 1, "must be even for RoPE"),
     ({"model__dropout": 1.0}, 1, "model.dropout=1.0 must be in [0, 1)"),
     ({"train__steps": 0}, 1, "train.steps=0 must be at least 1"),
-    ({"parallel__pp": 2}, 2, "pipeline parallelism is not available yet"),
     ({"parallel__tp": 2, "parallel__sequence_parallel": True, "train__seq_len": 33}, 2,
      "train.seq_len=33 is not divisible by parallel.tp=2"),
-    ({"parallel__tp": 2, "train__precision": "fp16"}, 2, "train.precision=fp16 with parallel.tp > 1"),
     ({"model__make_vocab_size_divisible_by": 0}, 1, "model.make_vocab_size_divisible_by=0 must be at least 1"),
     ({"parallel__tp": 0}, 1, "parallel.tp=0 must be at least 1"),
     ({"model__num_kv_heads": 0}, 1, "model.num_kv_heads=0 must be at least 1"),
@@ -194,9 +207,10 @@ def test_dry_run_plans_a_tensor_parallel_layout_from_one_process():
     assert tp8.returncode == 0, tp8.stderr
     assert "tp 8 + SP x pp 1 x dp 4 = 32 ranks" in tp8.stdout
     cfg = fill_defaults(composed(*overrides, "parallel.tp=8"), 32)
-    assert f"parameters per tensor-parallel rank: {parameters_per_rank(cfg.model, 8):,}" in tp8.stdout
+    assert f"every rank (layers 0-21): {parameters_per_rank(cfg.model, 8):,} parameters per tensor-parallel rank" \
+        in tp8.stdout
     assert "vocab 32000 (padded to 32768)" in tp8.stdout  # 128 x tp 8 = 1024 divides 32768
-    single = estimate_memory(fill_defaults(composed(*overrides), 1))["total_gib"]
+    single = estimate_memory(fill_defaults(composed(*overrides), 1))[0]["total_gib"]
     assert float(tp8.stdout.split("total ")[1].split()[0]) < single / 5
 
 
@@ -207,7 +221,27 @@ def test_dry_run_prints_the_plan():
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "1,100,048,384 parameters" in r.stdout
-    assert "FLOPs per token" in r.stdout and "estimated memory per rank" in r.stdout
+    assert "FLOPs per token" in r.stdout and "every rank (layers 0-21)" in r.stdout and "estimated memory" in r.stdout
     flops_line = next(line for line in r.stdout.splitlines() if "FLOPs per token" in line)
     cfg = fill_defaults(composed("model=llama_1b", "model.vocab_size=32000", "train.seq_len=2048"), 1)
     assert float(flops_line.split(":")[1].split()[0]) == pytest.approx(flops_per_token(cfg.model, 2048), rel=1e-4)
+
+
+def test_dry_run_plans_each_pipeline_stage():
+    """A pp 4 plan from one process: each stage's layers, exact parameter count (the tied/untied head and the
+    embedding at the ends) and the micro-batches its schedule keeps in flight (1F1B: pp - r; GPipe: all)."""
+    overrides = ["model=llama_1b", "model.vocab_size=32000", "train.seq_len=2048", "train.micro_batch_size=1",
+                 "train.global_batch_size=16", "parallel.pp=4", "parallel.dp=2", "parallel.pipeline_layers=[4,6,6,6]"]
+    for schedule, in_flight in (("1f1b", [4, 3, 2, 1]), ("gpipe", [8, 8, 8, 8])):
+        r = subprocess.run([sys.executable, "-m", "engine.train", "train.dry_run=true", *overrides,
+                            f"parallel.pipeline_schedule={schedule}"],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        cfg = fill_defaults(composed(*overrides), 8)
+        lines = [line for line in r.stdout.splitlines() if line.startswith("pipeline stage")]
+        assert [line.split("(layers ")[1].split(")")[0] for line in lines] == ["0-3", "4-9", "10-15", "16-21"]
+        for line, row, held in zip(lines, estimate_memory(cfg), in_flight, strict=True):
+            assert f"{row['parameters']:,} parameters per tensor-parallel rank" in line
+            assert f"({held} micro-batches in flight)" in line, line
+        stages = [parameters_per_rank(cfg.model, 1, range(a, b)) for a, b in ((0, 4), (4, 10), (10, 16), (16, 22))]
+        assert sum(stages) == count_parameters(cfg.model)  # untied Llama: every parameter on exactly one stage

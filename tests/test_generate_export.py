@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from engine.config import Config
 from engine.data.tokenizer import ByteTokenizer, load_tokenizer
+from engine.hf import export_main, import_main, import_model, save_hf_tokenizer
 from engine.inference import Sampling, generate, load_for_inference
 from engine.inference import main as generate_main
 from engine.model import GPT
-from engine.model.hf import export_main, import_main, import_model, save_hf_tokenizer
 from engine.parallel.state import ParallelState
 from engine.training.checkpoint import load_model_weights, resolve_checkpoint, save_checkpoint
 from tests.test_model import model_cfg, randomised
@@ -145,7 +145,7 @@ def test_import_of_a_transformers_model_gives_its_logits(name, tmp_path):
     """A model made by transformers itself (not by our export): imported, our forward gives its logits."""
     from transformers import AutoModelForCausalLM
 
-    from engine.model.hf import hf_config
+    from engine.hf import hf_config
 
     arch, overrides = MODELS[name]
     torch.manual_seed(0)
@@ -235,6 +235,7 @@ def test_generate_cli_errors_and_gpt2_length_limit(tmp_path, capsys):
 
 def test_trainer_checkpoint_exports_and_imports_for_init_from(tmp_path):
     """A checkpoint the trainer wrote, through transformers and back, initialises a new run with its exact weights."""
+    from engine.hf import weight_source
     from engine.training.trainer import Trainer
     from tests.test_trainer import tiny_config, write_pattern_shard
 
@@ -248,7 +249,7 @@ def test_trainer_checkpoint_exports_and_imports_for_init_from(tmp_path):
     assert import_main(["--model", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")]) == 0
     for weights in ("imported", "hf"):  # our imported step directory, or the transformers directory itself
         target = Trainer(cfg, SINGLE, tmp_path / "dst")
-        target.init_weights_from(tmp_path / weights)
+        target.init_weights_from(weight_source(tmp_path / weights))
         for (name, a), b in zip(source.model.named_parameters(), target.model.parameters(), strict=True):
             assert torch.equal(a, b), (weights, name)
 

@@ -29,10 +29,10 @@ def randomised(model: GPT) -> GPT:
 
 
 def into_hf(model: GPT):
-    """transformers' GPT2LMHeadModel or LlamaForCausalLM holding our weights, mapped by engine.model.hf."""
+    """transformers' GPT2LMHeadModel or LlamaForCausalLM holding our weights, mapped by engine.hf."""
     from transformers import AutoModelForCausalLM
 
-    from engine.model.hf import to_hf
+    from engine.hf import to_hf
 
     config, state = to_hf(model.cfg, model.state_dict(), eod_id=0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -79,7 +79,7 @@ def test_recompute_gives_identical_gradients(arch, dropout, monkeypatch):
     for recompute in ("none", "selective", "full"):
         torch.manual_seed(0)  # same weights and same dropout masks for each
         model = GPT(model_cfg(arch, num_kv_heads=2, dropout=dropout, recompute=recompute)).train()
-        for block in model.blocks:
+        for block in model.blocks.values():
             # A pre-hook: recomputation stops as soon as the last saved tensor is rebuilt, before an MLP returns.
             block.mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
         attention_calls.clear()
@@ -159,7 +159,7 @@ def test_init():
     torch.manual_seed(0)
     layers, std = 4, 0.02
     model = GPT(model_cfg("gpt2", num_layers=layers, hidden_size=256, init_std=std))
-    block = model.blocks[-1]
+    block = list(model.blocks.values())[-1]
     for proj in (block.attn.o_proj, block.mlp.down_proj):
         assert proj.weight.std().item() == pytest.approx(std / math.sqrt(2 * layers), rel=0.05)
     for weight in (block.attn.q_proj.weight, block.mlp.up_proj.weight, model.tok_emb.weight, model.pos_emb.weight):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from engine.config import fill_defaults, validate
+from engine.hf import export_checkpoint, weight_source
 from engine.inference import load_for_inference
-from engine.model.hf import export_checkpoint
 from engine.parallel.state import ParallelState, init_parallel
 from engine.training.checkpoint import latest_checkpoint
 from engine.training.trainer import Trainer, get_batch
@@ -82,7 +82,7 @@ def tp_scenarios(rank: int, world_size: int, shard: str, cache: str, root: str) 
     after_crash = losses_by_step(resumed.fit())
     # A single-process checkpoint (written by the parent) into this TP2 layout, weights only.
     init = make_trainer(shard, cache, base / "init", 1, state)
-    init.init_weights_from(base / "single")
+    init.init_weights_from(weight_source(base / "single"))
     vocab = init.cfg.model.vocab_size
     init_weights = {n: unsplit(p.detach(), p, state.tp_group, vocab) for n, p in init.model.named_parameters()}
     # The TP2 x DP2 checkpoint resumed as TP4 x DP1: Llama's 2 KV heads go from split to replicated, the
@@ -118,7 +118,7 @@ def test_tensor_parallel_checkpoints(tmp_path, shard):
     with torch.no_grad():
         torch.testing.assert_close(hf_model(tokens).logits, merged(tokens), rtol=1e-5, atol=1e-5)
     merged_trainer = make_trainer(*shard, tmp_path / "merged", 1, SINGLE)
-    merged_trainer.model.load_state_dict(merged.state_dict())
+    merged_trainer.model[0].load_state_dict(merged.state_dict())
     for rank, r in enumerate(per_rank):
         assert sorted(r["after_crash"]) == [3, 4, 5, 6]
         for step, loss in r["after_crash"].items():

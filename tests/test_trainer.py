@@ -163,7 +163,7 @@ def count_allreduce_launches(rank: int, world_size: int, shard: str, cache: str,
     finally:
         dist.all_reduce = original
     gradient_calls = [n for n in calls if n > 1]  # the loss average is a single scalar
-    return len(gradient_calls), len(trainer.grad_sync.buckets)
+    return len(gradient_calls), len(trainer.grad_syncs[0].buckets)
 
 
 def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, shard):
@@ -174,7 +174,7 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path, shard):
     trainer = Trainer(cfg, state, tmp_path)
     trainer.train_step()
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    hook = trainer.model.blocks[0].mlp.register_full_backward_hook(
+    hook = trainer.model[0].blocks["0"].mlp.register_full_backward_hook(
         lambda module, grad_in, grad_out: tuple(torch.full_like(g, float("inf")) if g is not None else g
                                                 for g in grad_in))
     trainer.train_step()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a checkpoint as a Hugging Face transformers model. Run with --help; the logic lives in engine.model.hf."""
+"""Write a checkpoint as a Hugging Face transformers model. Run with --help; the logic lives in engine.hf."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 # Runnable by path from any directory, installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.model.hf import export_main
+from engine.hf import export_main
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -44,15 +44,17 @@ def count_parameters(cfg: ModelConfig) -> int:
     return cfg.num_layers * (_matmul_weights_per_layer(cfg) + per_layer) + once + head
 
 
-def parameters_per_rank(cfg: ModelConfig, tp: int) -> int:
-    """Parameters one tensor-parallel rank of GPT(cfg) holds (one pipeline stage: the whole model).
+def parameters_per_rank(cfg: ModelConfig, tp: int, layers: range | None = None) -> int:
+    """Parameters one tensor-parallel rank of the pipeline stage holding `layers` holds (default: every layer).
 
     Split by tp: the q, o and MLP matrices, their column biases, K/V when tp divides the KV heads, and the padded
     vocabulary rows (the padding included: it is allocated). Whole on every rank: norms, row-parallel biases,
-    GPT-2's position table, and K/V when tp exceeds the KV heads.
+    GPT-2's position table, and K/V when tp exceeds the KV heads. The first stage holds the embeddings, the last
+    the final norm and the head; a tied head on a last stage without the embedding is a copy, and counted.
     """
     from engine.parallel.layers import padded_vocab_size  # the model's own padding rule
 
+    layers = range(cfg.num_layers) if layers is None else layers
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     kv = cfg.num_kv_heads * (h // cfg.num_heads)
     gpt2 = cfg.arch == "gpt2"
@@ -63,9 +65,14 @@ def parameters_per_rank(cfg: ModelConfig, tp: int) -> int:
         per_layer += h // tp + 2 * kv // kv_split + f // tp + 2 * h + 4 * h
     else:  # two RMSNorms
         per_layer += 2 * h
-    vocab_rows = padded_vocab_size(cfg.vocab_size, tp, cfg.make_vocab_size_divisible_by) // tp
-    once = vocab_rows * h * (1 if cfg.tie_embeddings else 2) + (cfg.max_seq_len * h + 2 * h if gpt2 else h)
-    return cfg.num_layers * per_layer + once
+    vocab_matrix = padded_vocab_size(cfg.vocab_size, tp, cfg.make_vocab_size_divisible_by) // tp * h
+    first, last = layers.start == 0, layers.stop == cfg.num_layers
+    total = len(layers) * per_layer
+    if first:  # token embedding (+ GPT-2's positions)
+        total += vocab_matrix + (cfg.max_seq_len * h if gpt2 else 0)
+    if last:  # final norm and head (shared with the embedding when tied on the same stage)
+        total += (2 * h if gpt2 else h) + (0 if cfg.tie_embeddings and first else vocab_matrix)
+    return total
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -43,11 +43,13 @@ def _allreduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None
         offset += g.numel()
 
 
-def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """The global L2 norm of the gradients: shards summed over the TP group, replicated parameters counted once."""
+def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None,
+              pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The global L2 norm of the gradients: shards summed over the TP group, replicated parameters counted once,
+    stages summed over the pipeline group (a tied embedding's last-stage copy left out: it is the same weight)."""
     sharded, replicated = [], []
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and getattr(p, "tied_embedding", None) != "copy":
             (sharded if hasattr(p, "tp_dim") else replicated).append(p.grad.detach().float().square().sum())
     if not sharded and not replicated:
         raise RuntimeError("grad_norm: no parameter has a gradient (was backward run?)")
@@ -55,4 +57,7 @@ def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -
     sq_sharded = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
     tp_all_reduce_(sq_sharded, group)
     sq_replicated = torch.stack(replicated).sum() if replicated else torch.zeros((), device=device)
-    return (sq_sharded + sq_replicated).sqrt()
+    total = sq_sharded + sq_replicated
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()

@@ -35,6 +35,7 @@ class ParallelState:
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
+    embedding_group: dist.ProcessGroup | None = None  # first and last stage: a tied embedding's two copies
 
     @property
     def world_size(self) -> int:
@@ -54,6 +55,16 @@ class ParallelState:
     def dp_rank(self) -> int:
         """This rank's index in its data-parallel group."""
         return self.coords().dp
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage (its first model chunk's)."""
+        return self.coords().pp
+
+    def pp_peer(self, pp: int) -> int:
+        """Global rank of pipeline rank `pp` (mod pp) in this rank's pipeline (same dp and tp coordinates)."""
+        c = self.coords()
+        return self.rank_of(pp % self.pp, c.dp, c.tp)
 
     @property
     def logging_rank(self) -> int:
@@ -101,17 +112,21 @@ def init_parallel(tp: int, pp: int, dp: int, device: torch.device, backend: str 
     if not dist.is_initialized():
         dist.init_process_group(default_backend(device) if backend == "auto" else backend, rank=rank,
                                 world_size=world, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
     # Every rank must create every group, in the same order.
-    for kind in ("tp", "dp", "pp"):
+    for kind, attr in (("tp", "tp_group"), ("dp", "dp_group"), ("pp", "pp_group"), ("embedding", "embedding_group")):
         for members in mesh_groups(state, kind):
-            group = dist.new_group(members)
+            group = dist.new_group(members, timeout=timeout)
             if rank in members:
-                setattr(state, f"{kind}_group", group)
+                setattr(state, attr, group)
     return state
 
 
 def mesh_groups(state: ParallelState, kind: str) -> list[list[int]]:
-    """All groups of one kind ('tp', 'dp' or 'pp'), each a sorted list of global ranks."""
+    """All groups of one kind ('tp', 'dp', 'pp' or 'embedding'), each a sorted list of global ranks.
+
+    An embedding group joins the first and last stage of one pipeline (none without pipelining).
+    """
     groups = []
     if kind == "tp":
         for pp in range(state.pp):
@@ -125,6 +140,11 @@ def mesh_groups(state: ParallelState, kind: str) -> list[list[int]]:
         for dp in range(state.dp):
             for tp in range(state.tp):
                 groups.append([state.rank_of(p, dp, tp) for p in range(state.pp)])
+    elif kind == "embedding":
+        if state.pp > 1:
+            for dp in range(state.dp):
+                for tp in range(state.tp):
+                    groups.append([state.rank_of(0, dp, tp), state.rank_of(state.pp - 1, dp, tp)])
     else:
         raise ValueError(f"unknown group kind {kind!r}")
     return groups

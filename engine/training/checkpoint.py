@@ -4,7 +4,7 @@ Layout under `run_dir/checkpoints/`:
 
     latest                                  the newest complete step directory's name (replaced atomically)
     step_00000100/
-        meta.json                           step, samples consumed, optimizer hyper-parameters, loss scaler, W&B
+        meta.json                           step, samples consumed, loss scaler, layout, W&B
                                             run id, the resolved config, and every file's size (written last)
         model-pp00-tp00.safetensors         parameters of one (pipeline stage, tensor rank)
         tokenizer.json                      the run's tokenizer (absent for the built-in byte tokenizer)
@@ -40,6 +40,7 @@ from engine.training.reshard import (
     CheckpointError,
     CheckpointTensors,
     TensorSource,
+    checkpoint_name,
     copy_parameters,
     local_part,
     read_whole,
@@ -112,21 +113,29 @@ def _barrier(state: ParallelState) -> None:
 
 
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
-    """Parameter id -> name, tied parameters under their first name."""
-    return {id(p): name for name, p in model.named_parameters()}
+    """Parameter id -> saved name, tied parameters under their first name (a tied embedding's copy as itself)."""
+    return {id(p): checkpoint_name(name, p) for name, p in model.named_parameters()}
 
 
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
-    """The optimizer's state as `{param_name.key: tensor}` and its groups' hyper-parameters with parameter names."""
+def _saved_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """What this rank writes: its parameters by name, less a tied embedding's copy (the first stage writes it)."""
+    return {name: p for name, p in model.named_parameters() if getattr(p, "tied_embedding", None) != "copy"}
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state of the parameters this rank saves, as `{param_name.key: tensor}`.
+
+    Hyper-parameters are not saved: the run's config sets them (engine.training.trainer.Trainer.resume).
+    """
     names = _param_names(model)
-    tensors, groups = {}, []
+    saved = {id(p) for p in _saved_parameters(model).values()}
+    tensors = {}
     for group in optimizer.param_groups:
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [names[id(p)] for p in group["params"]]})
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
-    return tensors, groups
+                if id(p) in saved:
+                    tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+    return tensors
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -162,13 +171,17 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier(state)
     tag = _shard_tag(state)
+    layout = tp_layout(model)
+    if state.pp > 1:  # each stage knows its own parameters' layout; rank 0 records them all
+        stages: list[dict] = [{} for _ in range(state.pp)]
+        dist.all_gather_object(stages, layout, group=state.pp_group)
+        layout = {name: how for stage in stages for name, how in stage.items()}
     if state.dp_rank == 0:
-        save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()},
+        save_file({name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model).items()},
                   tmp / f"model-{tag}.safetensors")
-        tensors, groups = _optimizer_tensors(model, optimizer)
-        save_file(tensors, tmp / f"optimizer-{tag}.safetensors")
+        save_file(_optimizer_tensors(model, optimizer), tmp / f"optimizer-{tag}.safetensors")
         if state.rank == 0:
-            meta = {**meta, "optimizer_groups": groups, "tp_layout": tp_layout(model)}
+            meta = {**meta, "tp_layout": layout}
     save_file(_rng_tensors(), tmp / f"rng-rank{state.rank:05d}.safetensors")
     if state.rank == 0 and tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
@@ -264,9 +277,11 @@ def load_full_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_whole(CheckpointTensors(path, "model", read_meta(path)))
 
 
-def load_model_weights(path: Path, model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Copy a checkpoint's parameters, saved in any TP layout, into `model` (split over TP `group`)."""
-    copy_parameters(model, CheckpointTensors(path, "model", read_meta(path)), group)
+def load_model_weights(path: Path, model: torch.nn.Module, group: dist.ProcessGroup | None = None,
+                       expected: set[str] | None = None) -> None:
+    """Copy a checkpoint's parameters, saved in any TP x PP layout, into `model` (split over TP `group`; some
+    pipeline stages of a model whose names are `expected`)."""
+    copy_parameters(model, CheckpointTensors(path, "model", read_meta(path)), group, expected)
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
@@ -276,16 +291,16 @@ def is_hf_model_dir(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG from step directory `path`, saved in any TP/DP layout.
+                    optimizer: torch.optim.Optimizer, expected: set[str] | None = None) -> dict:
+    """Restore model, optimizer and this rank's RNG from step directory `path`, saved in any TP/PP/DP layout.
 
-    Weights and optimizer moments are resharded to this run's TP layout (`engine.training.reshard`). The random
-    states come back only in the saving layout: rank r of another layout is not rank r of this one.
+    Weights and optimizer moments are resharded to this run's layout (`engine.training.reshard`); `expected` is
+    the whole model's parameter names when `model` is some of its pipeline stages. The random states come back
+    only in the saving layout: rank r of another layout is not rank r of this one.
     """
     meta = read_meta(path)
-    copy_parameters(model, CheckpointTensors(path, "model", meta), state.tp_group)
-    _load_optimizer(CheckpointTensors(path, "optimizer", meta), meta["optimizer_groups"], model, optimizer,
-                    state.tp_group)
+    copy_parameters(model, CheckpointTensors(path, "model", meta), state.tp_group, expected)
+    _load_optimizer(CheckpointTensors(path, "optimizer", meta), model, optimizer, state.tp_group, expected)
     if (meta["tp"], meta["pp"], meta["dp"]) == (state.tp, state.pp, state.dp):
         rng_state = _load_tensors(path / f"rng-rank{state.rank:05d}.safetensors")
         torch.set_rng_state(rng_state["cpu"])
@@ -303,30 +318,30 @@ def layout_name(tp: int, pp: int, dp: int) -> str:
     return f"tp {tp} x pp {pp} x dp {dp}"
 
 
-def _load_optimizer(source: TensorSource, groups: list[dict], model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None) -> None:
-    names, params = _param_names(model), dict(model.named_parameters())
-    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if current != [g["params"] for g in groups]:
-        raise CheckpointError(f"{source.where}: the optimizer's parameter groups differ from the checkpoint's")
+def _load_optimizer(source: TensorSource, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    group: dist.ProcessGroup | None, expected: set[str] | None) -> None:
+    """AdamW moments by parameter name into this run's parameter groups (which the config decides)."""
+    names = _param_names(model)
+    params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     rank, world = tp_rank(group), tp_size(group)
     by_param: dict[str, dict[str, torch.Tensor]] = {}  # "param.name.exp_avg" -> by_param["param.name"]["exp_avg"]
     for key in source.names():
         name, field = key.rsplit(".", 1)
         if name not in params:
+            if expected is not None and name in expected:
+                continue  # a parameter of a stage held by another rank
             raise CheckpointError(f"{source.where}: optimizer state for {name}, which this model does not have")
         scalar = not source.shape(key)  # a step count; the moments are laid out like their parameter
         by_param.setdefault(name, {})[field] = (source.read(key) if scalar
                                                 else local_part(source, key, params[name], rank, world))
     state_dict = {"state": {}, "param_groups": []}
     index = 0
-    for g in groups:
+    for g in optimizer.param_groups:
         ids = []
-        for name in g["params"]:
-            if name in by_param:
-                state_dict["state"][index] = by_param[name]
+        for p in g["params"]:
+            if names[id(p)] in by_param:
+                state_dict["state"][index] = by_param[names[id(p)]]
             ids.append(index)
             index += 1
-        hyper = {k: tuple(v) if k == "betas" else v for k, v in g.items() if k != "params"}
-        state_dict["param_groups"].append({**hyper, "params": ids})
+        state_dict["param_groups"].append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict(state_dict)

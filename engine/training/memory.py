@@ -1,45 +1,71 @@
-"""A per-rank memory estimate for `train.dry_run`: model states plus activations, before anything is allocated.
+"""A per-rank memory estimate for `train.dry_run` and run_info.json: model states plus the activations each
+pipeline stage holds, before anything is allocated.
 
 Model states (mixed precision keeps fp32 master parameters): 4 bytes of parameters + 4 of gradients + 8 of Adam
-moments per parameter this rank holds (replicated and padded ones included). Activations per layer follow
-Korthikanti et al. (2022) for a memory-efficient attention kernel (no s^2 scores kept): about 34·s·b·h bytes at
-16-bit, twice that in fp32; `full` recomputation keeps only each layer's input (2·s·b·h at 16-bit), plus one
-layer's full activations while it is recomputed; `selective` is counted like `none`, since the attention scores it
-would recompute are never stored by such a kernel. The logits and their gradient add 2 x s·b·V fp32 values.
+moments per parameter this rank holds (replicated, padded and tied-copy ones included; engine.model.flops). Per
+micro-batch, each layer keeps activations for backward following Korthikanti et al. (2022) for a memory-efficient
+attention kernel (no s^2 scores kept): about 34·s·b·h bytes at 16-bit, twice that in fp32; `full` recomputation
+keeps only each layer's input (2·s·b·h at 16-bit), plus one layer's full activations while it is recomputed;
+`selective` is counted like `none`, since the attention scores it would recompute are never stored by such a
+kernel. The last stage adds the logits and their gradient, 2 x s·b·V fp32 values.
 
 With tensor parallelism t the matmul-side activations split (Korthikanti's 10 + 24/t per s·b·h). Sequence
 parallelism splits the rest too, except the two gathered inputs of the column-parallel projections, which we keep
 for backward instead of gathering them again (30/t + 4). The logits are split by vocabulary (V/t).
+
+Under pipelining a stage holds those activations for every micro-batch in flight: the schedule decides how many
+(GPipe: all m; 1F1B: pp - r on rank r; interleaved: its warm-up depth, per chunk). The count here is read off the
+schedule's own action list (engine.training.schedule), so estimate and executor cannot disagree.
 """
 
 from __future__ import annotations
 
 from engine.config import Config
 from engine.model.flops import parameters_per_rank
+from engine.parallel.pipeline import rank_stages, stage_layers
+from engine.training.schedule import schedule_actions
 
 GIB = 2**30
 
 
-def estimate_memory(cfg: Config) -> dict[str, float]:
-    """Estimated GiB per rank: parameters, gradients, optimizer states, activations and their total."""
+def micro_batches_per_step(cfg: Config) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step."""
+    t = cfg.train
+    return t.global_batch_size // (t.micro_batch_size * (cfg.parallel.dp or 1))
+
+
+def estimate_memory(cfg: Config) -> list[dict]:
+    """Per pipeline rank: its stages' layers, parameters, micro-batches in flight, and estimated GiB of parameters,
+    gradients, optimizer states, activations and their total (every TP and DP rank of a stage alike)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    params = parameters_per_rank(m, p.tp) / p.pp  # pipeline stages: an even split, for now
+    stages = p.pp * p.virtual_stages
+    layers = stage_layers(m.num_layers, stages, p.pipeline_layers)
     act_scale = 1.0 if t.precision in ("bf16", "fp16") else 2.0
     sbh = t.seq_len * t.micro_batch_size * m.hidden_size
     sp = p.sequence_parallel and p.tp > 1
-    stored = sbh * (30 / p.tp + 4 if sp else 10 + 24 / p.tp)  # one layer's activations kept for backward
-    layers = m.num_layers // p.pp
-    if m.recompute == "full":  # each layer's input, and one layer's activations during its recomputation
-        per_layer = (2 * sbh / (p.tp if sp else 1)) + stored / layers
-    else:
-        per_layer = stored
-    per_layer *= act_scale
+    stored = sbh * (30 / p.tp + 4 if sp else 10 + 24 / p.tp) * act_scale  # one layer, one micro-batch, all kept
+    kept = (2 * sbh / (p.tp if sp else 1)) * act_scale if m.recompute == "full" else stored
     logits = 2 * t.seq_len * t.micro_batch_size * m.vocab_size * 4 / p.tp
-    out = {
-        "parameters_gib": 4 * params / GIB,
-        "gradients_gib": 4 * params / GIB,
-        "optimizer_gib": 8 * params / GIB,
-        "activations_gib": (layers * per_layer + logits) / GIB,
-    }
-    out["total_gib"] = sum(out.values())
+    schedule = p.pipeline_schedule if p.pp > 1 else "none"
+    out = []
+    for r in range(p.pp):
+        mine = rank_stages(r, p.pp, p.virtual_stages)
+        params = sum(parameters_per_rank(m, p.tp, layers[s]) for s in mine)
+        # What one micro-batch leaves behind in each chunk until its backward.
+        chunk_bytes = [len(layers[s]) * kept + (logits if s == stages - 1 else 0.0) for s in mine]
+        # The most activation bytes held at once while the schedule runs, and the micro-batches that make it up.
+        held: set[tuple[int, int]] = set()
+        most, in_flight = 0.0, 0
+        for action in schedule_actions(schedule, micro_batches_per_step(cfg), p.pp, r, p.virtual_stages):
+            (held.add if action.kind == "F" else held.discard)((action.micro, action.chunk))
+            now = sum(chunk_bytes[c] for _, c in held)
+            if now > most:
+                most, in_flight = now, len({mb for mb, _ in held})
+        transient = stored if m.recompute == "full" else 0.0  # one layer rebuilt at a time
+        row = {"pp_rank": r, "layers": [[layers[s].start, layers[s].stop] for s in mine], "parameters": params,
+               "micro_batches_in_flight": in_flight,
+               "parameters_gib": 4 * params / GIB, "gradients_gib": 4 * params / GIB,
+               "optimizer_gib": 8 * params / GIB, "activations_gib": (most + transient) / GIB}
+        row["total_gib"] = row["parameters_gib"] + row["gradients_gib"] + row["optimizer_gib"] + row["activations_gib"]
+        out.append(row)
     return out

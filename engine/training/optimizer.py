@@ -14,6 +14,8 @@ from engine.parallel.layers import VocabParallelEmbedding
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Two groups: decayed matrices, and undecayed norms/biases/embeddings (unless configured otherwise)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, VocabParallelEmbedding))}
+    # A tied embedding's copy on the last pipeline stage is the embedding: decayed (or not) as it is.
+    embeddings |= {id(p) for p in model.parameters() if getattr(p, "tied_embedding", None)}
     decay, no_decay = [], []
     for p in model.parameters():  # unique parameters: a tied weight appears once
         if not p.requires_grad:

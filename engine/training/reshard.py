@@ -1,14 +1,15 @@
-"""Checkpoint tensors read into any tensor-parallel layout, each rank reading only its own part.
+"""Checkpoint tensors read into any tensor-parallel x pipeline layout, each rank reading only its own part.
 
-A checkpoint holds one parameter file (`model-ppXX-tpYY`) and one optimizer file per tensor-parallel rank, and its
-`meta.json` says how each split parameter was laid out (`tp_layout`: the dimension it was split along, and whether
-its rows are a padded vocabulary). Through that layout a family of files is one unsplit, unpadded tensor per name
-(`CheckpointTensors`). A parameter of the run that loads it wants its own part of that tensor: the slice of its
-split dimension for its TP rank, with zero rows where this run's vocabulary padding falls (`local_part`). Only the
-overlapping slices of the overlapping files are read (safetensors slices are memory-mapped reads), so a rank's host
-memory holds its own part whatever layout wrote the checkpoint and whatever layout reads it: TP 2 resumes as TP 4,
-TP 8 is exported as one model, and a single-device checkpoint starts a TP run.
-"""
+A checkpoint holds one parameter file (`model-ppXX-tpYY`) and one optimizer file per (pipeline stage,
+tensor-parallel rank). Names are global (`blocks.7.attn.q.weight` on whichever stage held layer 7), so a name
+lives in one stage's files, and `meta.json` says how each split parameter was laid out (`tp_layout`: the dimension
+it was split along, and whether its rows are a padded vocabulary). Through that layout a family of files is one
+unsplit, unpadded tensor per name (`CheckpointTensors`). A parameter of the run that loads it wants its own part
+of that tensor: the slice of its split dimension for its TP rank, with zero rows where this run's vocabulary
+padding falls (`local_part`), wherever its stage is now. Only the overlapping slices of the overlapping files are
+read (safetensors slices are memory-mapped reads), so a rank's host memory holds its own part whatever layout wrote
+the checkpoint and whatever layout reads it: TP 2 x PP 2 resumes as TP 4 or PP 4, TP 8 is exported as one model,
+and a single-device checkpoint starts a 3D run."""
 
 from __future__ import annotations
 
@@ -65,37 +66,48 @@ class FullTensors:
 
 
 class CheckpointTensors:
-    """The `kind` files (`model` or `optimizer`) of one checkpoint step, whatever TP size wrote them, as whole tensors.
+    """The `kind` files (`model` or `optimizer`) of one checkpoint step, whatever TP x PP layout wrote them, as whole
+    tensors.
 
-    Optimizer tensors are named `<parameter>.<field>` (AdamW's `exp_avg`, `exp_avg_sq`, `step`): a field of its
-    parameter's shape is laid out like the parameter, a scalar is the same in every file.
+    Each pipeline stage's files hold its own parameters (global names, so a name lives in exactly one stage's
+    files); each tensor-parallel rank's file of a stage holds the same names. Optimizer tensors are named
+    `<parameter>.<field>` (AdamW's `exp_avg`, `exp_avg_sq`, `step`): a field of its parameter's shape is laid out
+    like the parameter, a scalar is the same in every file.
     """
 
     def __init__(self, step_dir: Path, kind: str, meta: dict):
         self.where = str(step_dir)
-        if meta.get("pp", 1) != 1:
-            raise CheckpointError(f"{step_dir}: saved with pp={meta['pp']}; only pp=1 checkpoints can be read yet")
-        self.files = []
-        for t in range(meta.get("tp", 1)):
-            path = step_dir / f"{kind}-pp00-tp{t:02d}.safetensors"
-            try:
-                self.files.append(safe_open(path, framework="pt"))
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+        self.files: list[list] = []  # [pipeline stage][tensor-parallel rank]
+        for s in range(meta.get("pp", 1)):
+            stage = []
+            for t in range(meta.get("tp", 1)):
+                path = step_dir / f"{kind}-pp{s:02d}-tp{t:02d}.safetensors"
+                try:
+                    stage.append(safe_open(path, framework="pt"))
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+            self.files.append(stage)
+        # safe_open handles list their names with keys() (they are not mappings)
+        self.stage_of = {key: s for s, stage in enumerate(self.files) for key in stage[0].keys()}  # noqa: SIM118
         self.layout = meta.get("tp_layout", {})  # absent: written before tensor parallelism, unsplit and unpadded
         self.parameter_of = (lambda key: key) if kind == "model" else (lambda key: key.rsplit(".", 1)[0])
 
     def names(self) -> list[str]:
-        """Every tensor's name (each file holds the same names)."""
-        return list(self.files[0].keys())
+        """Every tensor's name, over every stage's files."""
+        return list(self.stage_of)
 
     def _slice(self, t: int, key: str):
-        """File `t`'s lazily read view of `key`."""
+        """Tensor-parallel file `t`'s lazily read view of `key` (in the stage's files that hold it)."""
         try:
-            return self.files[t].get_slice(key)
+            return self.files[self.stage_of[key]][t].get_slice(key)
         except (SafetensorError, KeyError) as e:
             raise CheckpointError(f"{self.where}: {key} cannot be read from its tensor-parallel file {t} ({e}); "
                                   "the checkpoint is damaged") from None
+
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel files per stage."""
+        return len(self.files[0])
 
     def _split(self, key: str) -> tuple[int | None, int | None, list[int]]:
         """The split dimension (None: replicated), the real vocabulary rows (None: no padding), file 0's shape."""
@@ -109,7 +121,7 @@ class CheckpointTensors:
         """The whole tensor's shape: the files' parts joined along the split dimension, padding rows dropped."""
         dim, rows, shape = self._split(key)
         if dim is not None:
-            shape[dim] = sum(self._slice(t, key).get_shape()[dim] for t in range(len(self.files)))
+            shape[dim] = sum(self._slice(t, key).get_shape()[dim] for t in range(self.tp))
         if rows is not None:
             shape[0] = rows
         return tuple(shape)
@@ -119,12 +131,12 @@ class CheckpointTensors:
         split, _, file_shape = self._split(key)
         whole = self.shape(key)
         if not whole:
-            return self.files[0].get_tensor(key)
+            return self._slice(0, key)[...]
         want = [[0, n] for n in whole]  # the wanted range of every dimension, in whole-tensor coordinates
         if dim is not None:
             want[dim] = [start, min(whole[dim] if stop is None else stop, whole[dim])]
         pieces, offset = [], 0
-        for t in range(len(self.files) if split is not None else 1):
+        for t in range(self.tp if split is not None else 1):
             index = []
             for d, (lo, hi) in enumerate(want):
                 if d == split:  # this file holds [offset, offset + its size) of the split dimension
@@ -167,11 +179,21 @@ def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int,
     return part
 
 
-def copy_parameters(model: torch.nn.Module, source: TensorSource, group: dist.ProcessGroup | None = None) -> None:
-    """Copy each parameter's part of `source` into `model` (split over TP `group`); every name and shape must match."""
-    params = dict(model.named_parameters())
+def checkpoint_name(name: str, p: torch.nn.Parameter) -> str:
+    """The name `p` is saved under: its own, except a last stage's copy of a tied embedding (`tok_emb.weight`)."""
+    return "tok_emb.weight" if getattr(p, "tied_embedding", None) == "copy" else name
+
+
+def copy_parameters(model: torch.nn.Module, source: TensorSource, group: dist.ProcessGroup | None = None,
+                    expected: set[str] | None = None) -> None:
+    """Copy each parameter's part of `source` into `model` (split over TP `group`); every name and shape must match.
+
+    `model` may be some pipeline stages of the model: `expected`, the whole model's parameter names, then says
+    which of `source`'s names belong to stages held elsewhere (default: the model's own names, all of them).
+    """
+    params = {checkpoint_name(n, p): p for n, p in model.named_parameters()}
     keys = set(source.names())
-    missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
+    missing, unexpected = sorted(set(params) - keys), sorted(keys - (expected or set(params)))
     if missing or unexpected:
         raise CheckpointError(f"{source.where}: parameters do not match the model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}); is the model configuration the one the weights were "

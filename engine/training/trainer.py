@@ -23,16 +23,25 @@ from engine.data.sampler import BatchSampler
 from engine.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
+from engine.model.gpt import GPTChunks, parameter_names
 from engine.parallel.data_parallel import GradientAllReduce
 from engine.parallel.grads import allreduce_partial_grads, grad_norm
+from engine.parallel.layers import padded_vocab_size
+from engine.parallel.pipeline import (
+    PipelineExchange,
+    allreduce_tied_embedding_grads,
+    exchange_shape,
+    rank_stages,
+    stage_layers,
+)
+from engine.parallel.random import mix_seed
 from engine.parallel.state import ParallelState
 from engine.training.checkpoint import (
-    is_hf_model_dir,
     load_checkpoint,
-    load_model_weights,
-    resolve_checkpoint,
     save_checkpoint,
 )
+from engine.training.loss_scaler import DynamicLossScaler
+from engine.training.memory import estimate_memory
 from engine.training.metrics import (
     MetricsLogger,
     Throughput,
@@ -44,8 +53,8 @@ from engine.training.metrics import (
 )
 from engine.training.optimizer import build_optimizer, lr_at, param_groups, set_lr
 from engine.training.preemption import EXIT_STOPPED, StopSignals
-from engine.training.reshard import FullTensors, copy_parameters
-from engine.training.schedule import forward_backward_no_pipelining
+from engine.training.reshard import TensorSource, copy_parameters
+from engine.training.schedule import StepStats, forward_backward, forward_only, schedule_steps
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,16 +93,30 @@ class Trainer:
         self.cfg, self.state, self.run_dir = cfg, state, Path(run_dir)
         t, m = cfg.train, cfg.model
         self.device = state.device
+        p = cfg.parallel
         torch.manual_seed(t.seed)
-        # Every rank draws the same full weights from the seed and keeps its tensor-parallel part of them.
-        self.model = GPT(m, state.tp_group, cfg.parallel.sequence_parallel).to(self.device)
+        # This rank's model chunks: one pipeline stage each (the whole model without pipelining). Every part draws
+        # the single-process model's weights from the seed; each rank keeps its stages and its TP slice of them.
+        self.stages = p.pp * p.virtual_stages
+        self.stage_of = rank_stages(state.pp_rank, state.pp, p.virtual_stages)
+        layers = stage_layers(m.num_layers, self.stages, p.pipeline_layers)
+        self.model = GPTChunks([GPT(m, state.tp_group, p.sequence_parallel, layers[s], t.seed).to(self.device)
+                                for s in self.stage_of])
         if t.compile:
-            for block in self.model.blocks:
-                block.compile()  # in place: parameter names, and so checkpoints, stay the plain model's
-        self.grad_sync = GradientAllReduce(self.model, state.dp_group, cfg.parallel.bucket_size_mb)
+            for chunk in self.model:
+                for block in chunk.blocks.values():
+                    block.compile()  # in place: parameter names, and so checkpoints, stay the plain model's
+        self.grad_syncs = [GradientAllReduce(chunk, state.dp_group, p.bucket_size_mb) for chunk in self.model]
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.autocast = autocast_factory(t.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
+        self.schedule = p.pipeline_schedule if state.pp > 1 else "none"
+        self.exchange = None
+        if state.pp > 1:
+            shape = exchange_shape(t.micro_batch_size, t.seq_len, m.hidden_size, state.tp, p.sequence_parallel)
+            self.exchange = PipelineExchange(state, shape, next(self.model.parameters()).dtype)
+        self.last_step_stats = StepStats()  # of the last schedule run (activations held, timeline)
+        self.record_timeline = False  # tools/bench_pipeline.py: time every forward and backward
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_tflops(self.device, t.precision, t.peak_tflops)
         self.step = 0
@@ -124,6 +147,24 @@ class Trainer:
         vocab = self.cfg.model.vocab_size
         return [get_batch(dataset, idx, self.device, vocab) for idx in sampler.micro_batches(consumed)]
 
+    def dropout_keys(self, sampler: BatchSampler, consumed: int) -> list[int]:
+        """Each micro-batch's dropout key: the seed and its first sample, so masks follow samples, not layouts."""
+        return [mix_seed(self.cfg.train.seed, int(idx[0])) for idx in sampler.micro_batches(consumed)]
+
+    def _run_schedule(self, batches: list, training: bool, keys: list[int] | None = None) -> torch.Tensor:
+        """This rank's part of one global batch through the pipeline; the summed micro-batch losses on every rank
+        (float64), from the last stage."""
+        steps = schedule_steps(self.schedule, len(batches), self.state.pp, self.state.pp_rank,
+                               self.cfg.parallel.virtual_stages)
+        scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
+        self.last_step_stats = StepStats(timeline=[] if self.record_timeline else None)
+        total = forward_backward(list(self.model), steps if training else forward_only(steps), batches,
+                                 self.grad_syncs if training else None, self.autocast, scale, self.exchange,
+                                 self.stage_of, self.stages, keys, self.last_step_stats)
+        if self.state.pp > 1:  # the loss exists on the last stage; every rank reports it
+            dist.broadcast(total, src=self.state.pp_peer(self.state.pp - 1), group=self.state.pp_group)
+        return total
+
     # ------------------------------------------------------------------------------------------- steps
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics."""
@@ -138,12 +179,13 @@ class Trainer:
         """
         batches = self.micro_batches(self.train_data, self.train_sampler, self.consumed_samples)
         self.model.train()
-        scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
-        loss_sum = forward_backward_no_pipelining(self.model, batches, self.grad_sync, self.autocast, scale)
-        self.grad_sync.finish_grad_sync()
+        loss_sum = self._run_schedule(batches, True, self.dropout_keys(self.train_sampler, self.consumed_samples))
+        for sync in self.grad_syncs:
+            sync.finish_grad_sync()
         allreduce_partial_grads(self.model.parameters(), self.state.tp_group)
+        allreduce_tied_embedding_grads(self.model.parameters(), self.state.embedding_group)
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.model.parameters())
         return dp_mean(loss_sum / len(batches), self.state)
 
     def apply_gradients(self) -> tuple[float, float]:
@@ -152,17 +194,19 @@ class Trainer:
         lr = lr_at(self.step, cfg.optim)
         set_lr(self.optimizer, lr)
         params = list(self.model.parameters())
-        norm = grad_norm(params, self.state.tp_group)  # over every rank's shards, not just this rank's
-        if cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, norm)
-        if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.skipped_steps += int(self.scaler.get_scale() < scale_before)  # the scaler backed off: inf/nan
+        # Over every rank's shards and stages, not just this rank's.
+        norm = grad_norm(params, self.state.tp_group, self.state.pp_group)
+        overflow = self.scaler is not None and self.scaler.found_inf(norm, self.state.world_size > 1)
+        if overflow:  # fp16 overflowed somewhere: every rank skips this step together
+            self.skipped_steps += 1
         else:
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, norm)
             self.optimizer.step()
-        self.grad_sync.zero_grad()
+        if self.scaler is not None:
+            self.scaler.update(overflow)
+        for sync in self.grad_syncs:
+            sync.zero_grad()
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
         return lr, norm.item()
@@ -175,10 +219,9 @@ class Trainer:
         count = 0
         g = self.cfg.train.global_batch_size
         for it in range(self.cfg.train.eval_iters):
-            for inputs, targets in self.micro_batches(self.valid_data, self.valid_sampler, it * g):
-                with self.autocast():
-                    total += self.model(inputs, targets).to(torch.float64)
-                count += 1
+            batches = self.micro_batches(self.valid_data, self.valid_sampler, it * g)
+            total += self._run_schedule(batches, False)
+            count += len(batches)
         loss = dp_mean(total / count, self.state)
         return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
@@ -294,7 +337,7 @@ class Trainer:
 
     def resume(self, path: Path) -> dict:
         """Continue exactly where the checkpoint at `path` stopped: weights, optimizer, RNG, data position."""
-        meta = load_checkpoint(path, self.state, self.model, self.optimizer)
+        meta = load_checkpoint(path, self.state, self.model, self.optimizer, parameter_names(self.cfg.model))
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         self.skipped_steps, self.wandb_run_id = meta["skipped_steps"], meta.get("wandb_run_id")
         if self.scaler is not None and meta.get("scaler"):
@@ -311,15 +354,10 @@ class Trainer:
                   "keep it", file=sys.stderr)
         return meta
 
-    def init_weights_from(self, path: str | os.PathLike) -> None:
-        """Start from the weights of a checkpoint or a Hugging Face model only: fresh optimizer and data state."""
-        if is_hf_model_dir(path):
-            from engine.model.hf import from_hf  # imports transformers: only when asked for
-
-            _, tensors = from_hf(path)
-            copy_parameters(self.model, FullTensors(tensors, str(path)), self.state.tp_group)
-        else:
-            load_model_weights(resolve_checkpoint(path), self.model, self.state.tp_group)
+    def init_weights_from(self, source: TensorSource) -> None:
+        """Start from weights only (fresh optimizer and data state): a checkpoint's or a Hugging Face model's, as
+        `engine.hf.weight_source` reads them."""
+        copy_parameters(self.model, source, self.state.tp_group, parameter_names(self.cfg.model))
 
     def progress(self) -> dict:
         """Where the run is in the sample stream."""
@@ -355,14 +393,18 @@ class Profiler:
         print(f"profile of step {step} written to {self.dir}", file=sys.stderr)
 
 
-def run_info(cfg: Config, state: ParallelState, model: GPT) -> dict:
+def run_info(cfg: Config, state: ParallelState, model: GPTChunks) -> dict:
     """What run_info.json records: layout, parameter counts, versions."""
     total = count_parameters(cfg.model)
+    stages = estimate_memory(cfg)
+    m = cfg.model
     return {
         "world_size": state.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
-        "sequence_parallel": model.sequence_parallel, "padded_vocab_size": model.tok_emb.padded_vocab,
-        # parameters: the model's, unpadded; parameters_rank0: what rank 0 holds (its shards, replicas, padding).
-        "parameters": total, "parameters_rank0": sum(p.numel() for p in model.parameters()),
+        "sequence_parallel": model[0].sequence_parallel,
+        "padded_vocab_size": padded_vocab_size(m.vocab_size, state.tp, m.make_vocab_size_divisible_by),
+        # parameters: the model's, unpadded; parameters_rank0: what rank 0 holds (its shards, replicas, padding);
+        # stages: each pipeline rank's layers, parameters per TP rank and memory estimate (as train.dry_run prints).
+        "parameters": total, "parameters_rank0": stages[0]["parameters"], "stages": stages,
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
         "device": device_name(state.device), "backend": dist.get_backend() if dist.is_initialized() else None,
         "versions": {"weft": engine.__version__, "torch": torch.__version__, "numpy": np.__version__,
