@@ -28,7 +28,7 @@ help:
 	@echo "make demo-3d    the same job on 8 ranks as tp 2 (SP) x pipeline 2 (1F1B) x dp 2, compared with make demo's"
 	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
 	@echo "make test-slow  the full matrices and long fault trials"
-	@echo "make bench      data pipeline, training step, checkpoint and (on CUDA) kernel benchmarks"
+	@echo "make bench      data pipeline, training step, checkpoint, pipeline and (on CUDA) kernel benchmarks"
 	@echo "make gpu-check  on a CUDA machine: kernel tests compiled, kernel benchmark, 124M/1B end to end (runs/gpu/)"
 	@echo "make clean      remove $(VENV) and runs/"
 
@@ -104,6 +104,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_train.py
 	$(PY) tools/bench_checkpoint.py
 	$(PY) tools/bench_reshard.py
+	$(PY) tools/bench_pipeline.py
 	$(PY) tools/bench_kernels.py
 
 clean:

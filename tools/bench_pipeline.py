@@ -27,13 +27,15 @@ One process per pipeline stage (gloo on CPU, OMP_NUM_THREADS=--threads each), al
    against `torch.distributed.pipelining.Schedule1F1B` over `PipelineStage`s wrapping the same modules (tensor in,
    tensor out; the last stage returns fp32 logits and a cross-entropy loss_fn scores them; ours computes the loss
    inside the last stage from targets). Forward and backward only, no optimizer step; the two alternate step by
-   step, --warmup untimed steps each, then the median of --steps, each step between two barriers. The first
-   step's gradients and loss of both are compared, so both compute the same thing. ratio = ours / theirs (< 1:
-   ours is faster).
+   step (each going first in turn), --warmup untimed steps each, then --steps timed ones, each between two
+   barriers and as long as its slowest rank's. ratio = ours / theirs of the median step times (< 1: ours is
+   faster); the median of the step-by-step ratios is less sensitive to a noisy machine's drift, and the CPU time
+   per step (summed over ranks) shows the work done apart from waiting. The first step's gradients and loss of
+   both are compared, so both compute the same thing.
 
 Prints numbers; asserts nothing (exits non-zero only if a rank fails).
 
-    python tools/bench_pipeline.py                                  # all three parts, pp 2, ~3 minutes on 2 cores
+    python tools/bench_pipeline.py                                  # all three parts, pp 2, ~2 minutes on 2 cores
     python tools/bench_pipeline.py --schedule interleaved_1f1b --virtual 2 --parts trace
     python tools/bench_pipeline.py --pp 4 --layers 8 --parts bubble   # 4 ranks: oversubscribed on 2 cores
     python tools/bench_pipeline.py --cpu-quick                      # tiny model, seconds: a smoke test
@@ -240,16 +242,20 @@ def compare_schedules(args: argparse.Namespace, state: ParallelState) -> dict:
 
     fns = {"ours": ours, "theirs": theirs}
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}  # this process's CPU seconds per step
     first: dict[str, tuple[float, list[torch.Tensor]]] = {}
     for step in range(args.warmup + args.steps):
-        for name, fn in fns.items():  # alternating, so drift of the machine hits both alike
+        order = list(fns.items()) if step % 2 == 0 else list(fns.items())[::-1]
+        for name, fn in order:  # alternating, each first in turn, so the machine's drift hits both alike
             sync.zero_grad()
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = fn()
+            c1 = time.process_time()
             dist.barrier()
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(c1 - c0)
             if step == 0:
                 first[name] = (loss, [p.grad.clone() for p in chunk.parameters()])
     diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -261,7 +267,9 @@ def compare_schedules(args: argparse.Namespace, state: ParallelState) -> dict:
     per_step = torch.tensor([times["ours"], times["theirs"]], dtype=torch.float64)
     dist.all_reduce(per_step, op=dist.ReduceOp.MAX)  # each step as long as its slowest rank's
     ours_s, theirs_s = per_step.tolist()
-    return {"ours_s": ours_s, "theirs_s": theirs_s, "grad_rel_diff": worst.item(),
+    cpu_step = torch.tensor([statistics.median(cpu["ours"]), statistics.median(cpu["theirs"])], dtype=torch.float64)
+    dist.all_reduce(cpu_step)  # over the ranks
+    return {"ours_s": ours_s, "theirs_s": theirs_s, "cpu_s": cpu_step.tolist(), "grad_rel_diff": worst.item(),
             "loss_ours": loss[0].item(), "loss_theirs": loss[1].item(),
             "stage_layers": [(r.start, r.stop) for r in layers]}
 
@@ -435,7 +443,6 @@ def main() -> int:
                            start_method="spawn")
         results = dict(results)
     before, after = results["speed"]
-    before, after = results["speed"]
     print(f"measured: ranks computing at once run at {100 * before:.0f}% (before) and {100 * after:.0f}% (after) of "
           "their speed alone (a matmul loop; 100%: a core each)")
     if min(before, after) < 0.8:
@@ -477,16 +484,19 @@ def main() -> int:
         print(f"\n## 1F1B forward+backward, {args.compare_micro_batches} micro-batches, same stages and data"
               + (" (OVERSUBSCRIBED: distorted)" if over else ""))
         print(f"stages: {split}; the embedding on the first, the head and loss on the last")
-        print(f"{'':44s} {'ms/step':>9s} {'min':>9s} {'max':>9s}   (of {args.steps} steps after {args.warmup} "
-              "warm-up, alternating)")
-        for name, key in (("ours: forward_backward + PipelineExchange", "ours_s"),
-                          ("torch.distributed.pipelining Schedule1F1B", "theirs_s")):
+        print(f"{'':44s} {'ms/step':>9s} {'min':>9s} {'max':>9s} {'CPU ms':>9s}   (of {args.steps} steps after "
+              f"{args.warmup} warm-up, alternating)")
+        for i, (name, key) in enumerate((("ours: forward_backward + PipelineExchange", "ours_s"),
+                                         ("torch.distributed.pipelining Schedule1F1B", "theirs_s"))):
             t = r[key]
-            print(f"{name:44s} " + " ".join(f"{1e3 * x:9.1f}" for x in (statistics.median(t), min(t), max(t))))
+            print(f"{name:44s} " + " ".join(f"{1e3 * x:9.1f}" for x in (statistics.median(t), min(t), max(t),
+                                                                          r["cpu_s"][i])))
         ratio = statistics.median(r["ours_s"]) / statistics.median(r["theirs_s"])
         paired = statistics.median(a / b for a, b in zip(r["ours_s"], r["theirs_s"], strict=True))
         print(f"ratio ours / theirs {ratio:.3f} (goal <= 1.0); median of the step-by-step ratios {paired:.3f} (each "
               "pair ran back to back: less of the machine's drift)")
+        print("CPU ms: the ranks' CPU time per step, summed (median): the work done, without the time spent "
+              "blocked waiting for messages")
         print(f"same computation: first-step loss {r['loss_ours']:.6f} vs {r['loss_theirs']:.6f}, gradients' max "
               f"relative difference {r['grad_rel_diff']:.1e}")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")

@@ -286,7 +286,7 @@ class Trainer:
                 emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
                       "tflops_per_device": self.flops_per_token * per_device / 1e12,
                       "mfu": mfu(self.flops_per_token, per_device, self.peak),
-                      "peak_memory_gib": peak_memory_gib(self.device), "skipped_steps": self.skipped_steps,
+                      "peak_memory_gib": self._peak_memory_gib(), "skipped_steps": self.skipped_steps,
                       **self.progress()})
             # Before evaluating: the time left after a signal (Slurm's lead or grace time) goes to the checkpoint.
             self.stopped_by = None if last else stop.requested(self.device, world > 1)
@@ -304,6 +304,13 @@ class Trainer:
                     print(f"{self.stopped_by}: stopped after step {self.step} of {t.steps}, checkpoint saved; "
                           "run the same command again (or requeue the job) to continue", file=sys.stderr)
                 return
+
+    def _peak_memory_gib(self) -> float:
+        """The highest peak memory of any rank (1F1B's activations pile up on the first stage, not the logging one)."""
+        peak = torch.tensor([peak_memory_gib(self.device)], dtype=torch.float64, device=self.device)
+        if self.state.world_size > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return peak.item()
 
     def _start_wandb(self):
         """The W&B run on the logging rank (same id across resumes), its id shared with every rank for checkpoints."""
