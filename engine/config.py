@@ -304,16 +304,6 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(_format(errors))
 
 
-def stage_layer_counts(cfg: Config) -> list[int] | None:
-    """Layers of each pipeline stage (pp x virtual_stages of them, in stage order), or None if they do not split."""
-    p, n = cfg.parallel, cfg.model.num_layers
-    stages = p.pp * p.virtual_stages
-    if p.pipeline_layers is not None:
-        counts = list(p.pipeline_layers)
-        return counts if len(counts) == stages and all(c >= 1 for c in counts) and sum(counts) == n else None
-    return [n // stages] * stages if n % stages == 0 else None
-
-
 def pipeline_errors(cfg: Config) -> list[str]:
     """What is wrong with the pipeline settings (stage split, virtual stages, schedule), as messages."""
     p, n = cfg.parallel, cfg.model.num_layers

@@ -26,15 +26,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from engine.config import ModelConfig
 from engine.data.tokenizer import BYTE_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, TokenizerError
 from engine.inference import checkpoint_model_config, checkpoint_tokenizer
-from engine.training.checkpoint import (
-    FORMAT_VERSION,
-    CheckpointError,
-    is_hf_model_dir,
-    load_full_weights,
-    read_meta,
-    resolve_checkpoint,
-)
-from engine.training.reshard import CheckpointTensors, FullTensors, TensorSource
+from engine.training.checkpoint import FORMAT_VERSION, CheckpointError, load_full_weights, read_meta, resolve_checkpoint
+from engine.training.reshard import FullTensors
 
 try:
     from transformers import (
@@ -176,13 +169,10 @@ def _state_from_hf(cfg: ModelConfig, hf_state: Mapping[str, torch.Tensor]) -> di
     return state
 
 
-def weight_source(path: str | os.PathLike) -> TensorSource:
-    """The weights at `path` as whole tensors: a checkpoint of ours (any layout) or a transformers directory."""
-    if is_hf_model_dir(path):
-        _, tensors = from_hf(path)
-        return FullTensors(tensors, str(path))
-    step = resolve_checkpoint(path)
-    return CheckpointTensors(step, "model", read_meta(step))
+def hf_weights(hf_dir: str | os.PathLike) -> FullTensors:
+    """A transformers directory's weights under our names, as whole tensors (for train.init_from)."""
+    _, tensors = from_hf(hf_dir)
+    return FullTensors(tensors, str(hf_dir))
 
 
 def from_hf(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

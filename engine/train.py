@@ -32,9 +32,11 @@ from engine.data.builder import open_shard, parse_prefix
 from engine.data.gpt_dataset import parse_split
 from engine.data.indexed_dataset import ShardFormatError
 from engine.data.tokenizer import TokenizerError, load_tokenizer
+from engine.parallel.pipeline import PipelinePeerError
 from engine.parallel.state import init_parallel, pick_device, shutdown, world_from_env
 from engine.training.checkpoint import (
     CheckpointError,
+    checkpoint_weights,
     checkpoints_dir,
     is_hf_model_dir,
     latest_checkpoint,
@@ -42,6 +44,7 @@ from engine.training.checkpoint import (
     resolve_checkpoint,
 )
 from engine.training.preemption import StopSignals, exit_stopped
+from engine.training.reshard import TensorSource
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
@@ -77,13 +80,18 @@ def dry_run(cfg: Config) -> None:
           + (f"; schedule {p.pipeline_schedule}" + (f" over {p.virtual_stages} chunks per rank"
                                                      if p.virtual_stages > 1 else "") if p.pp > 1 else ""))
     for row in estimate_memory(cfg):
-        where = "every rank" if p.pp == 1 else f"pipeline stage {row['pp_rank']}"
-        layers = ", ".join(f"{a}-{b - 1}" for a, b in row["layers"])
-        print(f"{where} (layers {layers}): {row['parameters']:,} parameters per tensor-parallel rank; estimated "
-              "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
-                                      ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib",
-                                       "total_gib"))
-              + f" ({row['micro_batches_in_flight']} micro-batches in flight)")
+        layers = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in row["layers"])
+        if p.pp == 1:
+            where = f"every rank (layers {layers})"
+        elif p.virtual_stages == 1:
+            where = f"pipeline stage {row['pp_rank']} (layers {layers})"
+        else:
+            where = f"pipeline rank {row['pp_rank']} (stages {', '.join(map(str, row['stages']))}: layers {layers})"
+        held = "micro-batches" if p.virtual_stages == 1 else "(micro-batch, chunk) activations"
+        print(f"{where}: {row['parameters']:,} parameters per tensor-parallel rank; estimated memory: "
+              + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
+                          ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "total_gib"))
+              + f" ({row['activations_in_flight']} {held} in flight)")
     print("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
 
 
@@ -173,6 +181,15 @@ def check_environment(config: Config) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
+def init_weights(path: str) -> TensorSource:
+    """train.init_from's weights: a checkpoint of ours in any layout, or a transformers directory."""
+    if is_hf_model_dir(path):
+        from engine.hf import hf_weights  # needs transformers: imported only for a transformers directory
+
+        return hf_weights(path)
+    return checkpoint_weights(path)
+
+
 def tp_placement_warning(tp: int, local_world_size: int | None) -> str | None:
     """Why this launch's tensor-parallel groups would cross nodes (they are consecutive ranks), or None."""
     if tp == 1 or local_world_size is None or local_world_size % tp == 0:
@@ -234,9 +251,7 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         if checkpoint is not None:
             trainer.resume(checkpoint)
         elif config.train.init_from:
-            from engine.hf import weight_source  # imports transformers when installed: only when asked for
-
-            trainer.init_weights_from(weight_source(config.train.init_from))
+            trainer.init_weights_from(init_weights(config.train.init_from))
         if state.is_logging_rank:
             write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
         trainer.fit(stop)
@@ -249,8 +264,9 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
             # Say where: the other ranks see only a closed connection or a timeout (parallel.timeout_s).
             c = state.coords()
             step = f" in step {trainer.step + 1}" if trainer is not None else " at start-up"
-            print(f"error: rank {state.rank} of {world} (pipeline stage {c.pp}, tensor rank {c.tp}, data rank "
-                  f"{c.dp}) failed{step}: {type(e).__name__}: {e}", file=sys.stderr)
+            what = "stopped" if isinstance(e, PipelinePeerError) else "failed"
+            print(f"error: rank {state.rank} of {world} (pipeline rank {c.pp}, tensor rank {c.tp}, data rank "
+                  f"{c.dp}) {what}{step}: {type(e).__name__}: {e}", file=sys.stderr)
         raise
     finally:
         shutdown()

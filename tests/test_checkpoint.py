@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.hf import weight_source
 from engine.parallel.state import ParallelState, init_parallel
 from engine.training.checkpoint import (
     CheckpointError,
+    checkpoint_weights,
     latest_checkpoint,
     load_checkpoint,
     read_meta,
@@ -165,9 +165,27 @@ def test_loading_never_unpickles(tmp_path, shard, monkeypatch):
     monkeypatch.setattr(torch, "load", forbidden)
     other = make_trainer(*shard, tmp_path / "again", 2)
     meta = other.resume(latest_checkpoint(tmp_path))
-    assert meta["step"] == 2 and json.loads((latest_checkpoint(tmp_path) / "meta.json").read_text())["format"] == 1
+    assert meta["step"] == 2 and json.loads((latest_checkpoint(tmp_path) / "meta.json").read_text())["format"] == 2
     for a, b in zip(trainer.model.parameters(), other.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_format_1_checkpoints_still_load_and_unknown_formats_are_refused(tmp_path, shard):
+    """A checkpoint of the format before pipelines (1: `optimizer_groups` in meta.json) resumes; a newer one is
+    refused with the versions this one reads."""
+    trainer = make_trainer(*shard, tmp_path, 2)
+    trainer.fit()
+    step = latest_checkpoint(tmp_path)
+    meta_file = step / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format": 1, "optimizer_groups": []}))
+    other = make_trainer(*shard, tmp_path / "again", 2)
+    other.resume(step)
+    for a, b in zip(trainer.model.parameters(), other.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    meta_file.write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(CheckpointError, match="checkpoint format 3, this version reads 1, 2"):
+        read_meta(step)
 
 
 def test_init_from_takes_weights_only(tmp_path, shard):
@@ -175,7 +193,7 @@ def test_init_from_takes_weights_only(tmp_path, shard):
     source = make_trainer(*shard, tmp_path / "src", 3)
     source.fit()
     target = make_trainer(*shard, tmp_path / "dst", 3)
-    target.init_weights_from(weight_source(tmp_path / "src"))
+    target.init_weights_from(checkpoint_weights(tmp_path / "src"))
     for a, b in zip(source.model.parameters(), target.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert target.step == 0 and target.consumed_samples == 0 and not target.optimizer.state
@@ -191,7 +209,7 @@ def test_model_mismatch_is_refused(tmp_path, shard):
     other = Trainer(cfg, SINGLE, tmp_path)
     with pytest.raises(CheckpointError, match=r"tok_emb.weight is \(257, 32\) there \(unsplit, unpadded\), but "
                                               r"\(257, 64\) in this model"):
-        other.init_weights_from(weight_source(tmp_path / "src"))
+        other.init_weights_from(checkpoint_weights(tmp_path / "src"))
 
 
 def test_vocabulary_mismatch_is_refused_not_padded(tmp_path, shard):
@@ -200,7 +218,7 @@ def test_vocabulary_mismatch_is_refused_not_padded(tmp_path, shard):
     cfg = tiny_config(*shard)
     cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by = 300, 64
     with pytest.raises(CheckpointError, match="257 vocabulary rows there, the model 300"):
-        Trainer(cfg, SINGLE, tmp_path / "dst").init_weights_from(weight_source(tmp_path / "src"))
+        Trainer(cfg, SINGLE, tmp_path / "dst").init_weights_from(checkpoint_weights(tmp_path / "src"))
 
 
 def test_resume_with_other_vocabulary_padding_keeps_every_real_row(tmp_path, shard):

@@ -237,11 +237,12 @@ def test_dry_run_plans_each_pipeline_stage():
                             f"parallel.pipeline_schedule={schedule}"],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
         assert r.returncode == 0, r.stderr
-        cfg = fill_defaults(composed(*overrides), 8)
+        cfg = fill_defaults(composed(*overrides, f"parallel.pipeline_schedule={schedule}"), 8)
         lines = [line for line in r.stdout.splitlines() if line.startswith("pipeline stage")]
         assert [line.split("(layers ")[1].split(")")[0] for line in lines] == ["0-3", "4-9", "10-15", "16-21"]
         for line, row, held in zip(lines, estimate_memory(cfg), in_flight, strict=True):
             assert f"{row['parameters']:,} parameters per tensor-parallel rank" in line
             assert f"({held} micro-batches in flight)" in line, line
+            assert row["activations_in_flight"] == held
         stages = [parameters_per_rank(cfg.model, 1, range(a, b)) for a, b in ((0, 4), (4, 10), (10, 16), (16, 22))]
         assert sum(stages) == count_parameters(cfg.model)  # untied Llama: every parameter on exactly one stage

@@ -235,7 +235,8 @@ def test_generate_cli_errors_and_gpt2_length_limit(tmp_path, capsys):
 
 def test_trainer_checkpoint_exports_and_imports_for_init_from(tmp_path):
     """A checkpoint the trainer wrote, through transformers and back, initialises a new run with its exact weights."""
-    from engine.hf import weight_source
+    from engine.hf import hf_weights
+    from engine.training.checkpoint import checkpoint_weights
     from engine.training.trainer import Trainer
     from tests.test_trainer import tiny_config, write_pattern_shard
 
@@ -249,7 +250,8 @@ def test_trainer_checkpoint_exports_and_imports_for_init_from(tmp_path):
     assert import_main(["--model", str(tmp_path / "hf"), "--output", str(tmp_path / "imported")]) == 0
     for weights in ("imported", "hf"):  # our imported step directory, or the transformers directory itself
         target = Trainer(cfg, SINGLE, tmp_path / "dst")
-        target.init_weights_from(weight_source(tmp_path / weights))
+        read = hf_weights if weights == "hf" else checkpoint_weights
+        target.init_weights_from(read(tmp_path / weights))
         for (name, a), b in zip(source.model.named_parameters(), target.model.parameters(), strict=True):
             assert torch.equal(a, b), (weights, name)
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from engine.config import fill_defaults, validate
-from engine.hf import export_checkpoint, weight_source
+from engine.hf import export_checkpoint
 from engine.inference import load_for_inference
 from engine.parallel.state import ParallelState, init_parallel
-from engine.training.checkpoint import latest_checkpoint
+from engine.training.checkpoint import checkpoint_weights, latest_checkpoint
 from engine.training.trainer import Trainer, get_batch
 from tests.distributed import run_ranks
 from tests.test_checkpoint import CrashError, crash_at, losses_by_step
@@ -82,7 +82,7 @@ def tp_scenarios(rank: int, world_size: int, shard: str, cache: str, root: str) 
     after_crash = losses_by_step(resumed.fit())
     # A single-process checkpoint (written by the parent) into this TP2 layout, weights only.
     init = make_trainer(shard, cache, base / "init", 1, state)
-    init.init_weights_from(weight_source(base / "single"))
+    init.init_weights_from(checkpoint_weights(base / "single"))
     vocab = init.cfg.model.vocab_size
     init_weights = {n: unsplit(p.detach(), p, state.tp_group, vocab) for n, p in init.model.named_parameters()}
     # The TP2 x DP2 checkpoint resumed as TP4 x DP1: Llama's 2 KV heads go from split to replicated, the

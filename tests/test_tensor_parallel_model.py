@@ -112,6 +112,19 @@ def shard(tmp_path_factory) -> tuple[str, str]:
     return write_pattern_shard(root / "shard"), str(root / "cache")
 
 
+def assert_same_run(got: dict, ref: dict, msg: str) -> None:
+    """`got` (one rank's run) is the single-process `ref`: per-step losses, gradient norms and the evaluation loss
+    within LOSS_RTOL, initial weights exactly and step-1 gradients within GRAD_TOL, for every parameter `got` has."""
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=LOSS_RTOL, err_msg=msg)
+    np.testing.assert_allclose(got["norms"], ref["norms"], rtol=LOSS_RTOL, err_msg=msg)
+    np.testing.assert_allclose(got["val"], ref["val"], rtol=LOSS_RTOL, err_msg=msg)
+    for name, w in got["initial"].items():  # the same full weights from the same seed, exactly
+        assert torch.equal(w, ref["initial"][name]), f"{msg}, initial {name}"
+    for name, g in got["grads"].items():
+        where = f"{msg}, {name}"
+        torch.testing.assert_close(g, ref["grads"][name], **GRAD_TOL, msg=lambda m, w=where: f"{w}: {m}")
+
+
 def compare(cases: list[Case], world: int, shard, tmp_path) -> None:
     """Run `cases` on `world` ranks and each against its single-process reference."""
     prefix, cache = shard
@@ -122,15 +135,8 @@ def compare(cases: list[Case], world: int, shard, tmp_path) -> None:
         for rank, results in enumerate(per_rank):
             got = results[i]
             msg = f"{case}, rank {rank}"
-            np.testing.assert_allclose(got["losses"], ref["losses"], rtol=LOSS_RTOL, err_msg=msg)
-            np.testing.assert_allclose(got["norms"], ref["norms"], rtol=LOSS_RTOL, err_msg=msg)
-            np.testing.assert_allclose(got["val"], ref["val"], rtol=LOSS_RTOL, err_msg=msg)
-            for name, w in ref["initial"].items():  # the same full weights from the same seed, exactly
-                assert torch.equal(got["initial"][name], w), f"{msg}, initial {name}"
-            assert got["grads"].keys() == ref["grads"].keys()
-            for name, g in ref["grads"].items():
-                where = f"{msg}, {name}"
-                torch.testing.assert_close(got["grads"][name], g, **GRAD_TOL, msg=lambda m, w=where: f"{w}: {m}")
+            assert got["grads"].keys() == ref["grads"].keys() == got["initial"].keys()
+            assert_same_run(got, ref, msg)
             # Each rank holds its 1/tp of the split weights plus the replicated ones, exactly as the dry run counts.
             assert got["params_rank0"] == got["params_rank0_counted"], msg
             assert got["params_rank0"] < ref["params_rank0"] / case.tp * 1.3, msg

@@ -78,9 +78,10 @@ def make_dropout(p: float, site: int, group: dist.ProcessGroup | None, sequence_
 
 @contextlib.contextmanager
 def part_stream(seed: int, part: int) -> Iterator[None]:
-    """Draw a model part's initial weights from its own CPU stream, leaving the default stream as it was."""
+    """Draw a model part's initial weights from its own CPU stream, leaving the default stream as it was (weights
+    are drawn on the CPU; torch.manual_seed would also reseed, and leave changed, every CUDA generator)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(mix_seed(seed, part))
+        torch.default_generator.manual_seed(mix_seed(seed, part))
         yield
 
 
@@ -240,7 +241,8 @@ class GPTChunks(nn.ModuleList):
     chunks hold disjoint layers, so the names are unique, and they are the single-process model's names.
     """
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
         """(global name, parameter) of every chunk, in chunk order."""
         for chunk in self:
             yield from chunk.named_parameters(prefix, recurse, remove_duplicate)

@@ -1,4 +1,5 @@
-"""Gradients after backward under tensor parallelism: partial ones summed over the TP group, and the global norm.
+"""Gradients after backward under tensor and pipeline parallelism: partial ones summed over the TP group, a tied
+embedding's two pipeline copies summed, and the global norm.
 
 A replicated parameter used on data that differs between TP ranks (a sequence chunk under SP, one rank's query
 heads for a replicated K/V head) gets only part of its gradient on each rank; `tp_partial_grad` marks it (see
@@ -41,6 +42,16 @@ def _allreduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def allreduce_tied_embedding_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """Sum a tied embedding's gradient over its two copies, the first and last pipeline stage's (`group`, the
+    parallel state's embedding group), so that the copies stay equal."""
+    if group is None:
+        return
+    for p in params:
+        if getattr(p, "tied_embedding", None) and p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
 
 
 def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None,

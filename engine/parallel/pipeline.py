@@ -49,6 +49,10 @@ def rank_stages(pp_rank: int, pp: int, virtual: int) -> list[int]:
     return [chunk * pp + pp_rank for chunk in range(virtual)]
 
 
+class PipelinePeerError(RuntimeError):
+    """A pipeline neighbour went away (its process failed) or fell silent for parallel.timeout_s."""
+
+
 @dataclass(frozen=True)
 class Message:
     """One tensor between neighbouring stages: the activation `stage` sends forward (kind 'act') or the gradient it
@@ -94,8 +98,8 @@ class PipelineExchange:
                 work.wait()
         except RuntimeError as e:  # a neighbour died (connection closed) or went silent (parallel.timeout_s)
             peers = sorted({op.peer for op in ops})
-            raise RuntimeError(f"pipeline exchange with rank(s) {peers} failed: a neighbouring stage probably failed "
-                               f"or hangs (see its own error; silence is bounded by parallel.timeout_s): {e}") from e
+            raise PipelinePeerError(f"the pipeline exchange with rank(s) {peers} failed: that neighbour failed or "
+                                    f"hangs (see its own error; silence is bounded by parallel.timeout_s): {e}") from e
         return received
 
 
@@ -103,11 +107,3 @@ def exchange_shape(micro_batch: int, seq_len: int, hidden: int, tp: int, sequenc
     """The activation shape between stages: (micro batch, sequence or this rank's chunk of it under SP, hidden)."""
     return (micro_batch, seq_len // tp if sequence_parallel and tp > 1 else seq_len, hidden)
 
-
-def allreduce_tied_embedding_grads(params, group: dist.ProcessGroup | None) -> None:
-    """Sum a tied embedding's gradient over its two copies (first and last stage) so they stay equal."""
-    if group is None:
-        return
-    for p in params:
-        if getattr(p, "tied_embedding", None) and p.grad is not None:
-            dist.all_reduce(p.grad, group=group)

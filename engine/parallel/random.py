@@ -10,8 +10,8 @@ different data (sequence chunks under SP), the tensor-parallel rank. Nothing els
   - data-parallel ranks draw the single process's masks for their samples;
   - activation recomputation and resume reproduce every mask with no generator state to save.
 Without a key (a model called directly, outside the trainer) the key is one draw of the default CPU stream, so
-seeded code stays reproducible. A generator is seeded per call from Python integers: no `.item()`, no graph break
-before the draw under `train.compile`.
+seeded code stays reproducible. A generator is seeded per call from Python integers (no device sync); under
+`train.compile` that host-side generator is a graph break per dropout with p > 0.
 """
 
 from __future__ import annotations

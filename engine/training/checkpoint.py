@@ -47,7 +47,10 @@ from engine.training.reshard import (
     tp_layout,
 )
 
-FORMAT_VERSION = 1
+# 2: pipeline stages' files (names global, a tied embedding's copy not saved), no optimizer_groups in meta.json.
+# 1 (before pipelines) reads the same way.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -253,8 +256,9 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{meta_file}: missing; {path} is not a complete checkpoint") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file}: not valid JSON ({e}); the checkpoint is damaged") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_file}: checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{meta_file}: checkpoint format {meta.get('format')}, this version reads "
+                              f"{', '.join(map(str, READABLE_FORMATS))}")
     for name, size in meta["files"].items():
         f = path / name
         if not f.exists():
@@ -272,16 +276,23 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
 
 
+def checkpoint_weights(path: str | os.PathLike) -> CheckpointTensors:
+    """The parameters of a checkpoint (a step directory, or a run's latest), saved in any TP x PP layout, as whole
+    tensors read a slice at a time."""
+    step = resolve_checkpoint(path)
+    return CheckpointTensors(step, "model", read_meta(step))
+
+
 def load_full_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's parameters as one unsplit, unpadded model, whatever tensor-parallel layout saved them."""
-    return read_whole(CheckpointTensors(path, "model", read_meta(path)))
+    """A checkpoint's parameters as one unsplit, unpadded model, whatever layout saved them."""
+    return read_whole(checkpoint_weights(path))
 
 
 def load_model_weights(path: Path, model: torch.nn.Module, group: dist.ProcessGroup | None = None,
                        expected: set[str] | None = None) -> None:
     """Copy a checkpoint's parameters, saved in any TP x PP layout, into `model` (split over TP `group`; some
     pipeline stages of a model whose names are `expected`)."""
-    copy_parameters(model, CheckpointTensors(path, "model", read_meta(path)), group, expected)
+    copy_parameters(model, checkpoint_weights(path), group, expected)
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:

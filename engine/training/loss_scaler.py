@@ -10,6 +10,8 @@ same scale. (torch.amp.GradScaler decides per rank.) The constants are GradScale
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 
@@ -27,7 +29,7 @@ class DynamicLossScaler:
         """The loss to differentiate: times the current scale."""
         return loss * self.scale_value
 
-    def unscale_(self, params) -> None:
+    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Divide every gradient by the scale, in place."""
         inv = 1.0 / self.scale_value
         for p in params:
@@ -36,7 +38,11 @@ class DynamicLossScaler:
 
     @staticmethod
     def found_inf(grad_norm: torch.Tensor, world: bool) -> bool:
-        """True if the gradients overflowed on any rank: a non-finite norm here, MAX all-reduced over the world."""
+        """True if the gradients overflowed on any rank: a non-finite norm here, MAX all-reduced over the world.
+
+        The global norm already sums every stage's and TP rank's squares, so an overflow anywhere reaches it; the
+        vote keeps the decision agreed whatever reduction the norm came from (ZeRO's shards, a rank-local check).
+        """
         flag = (~torch.isfinite(grad_norm)).to(torch.int32).reshape(1)
         if world and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -35,8 +35,9 @@ def micro_batches_per_step(cfg: Config) -> int:
 
 
 def estimate_memory(cfg: Config) -> list[dict]:
-    """Per pipeline rank: its stages' layers, parameters, micro-batches in flight, and estimated GiB of parameters,
-    gradients, optimizer states, activations and their total (every TP and DP rank of a stage alike)."""
+    """Per pipeline rank: its stages and their layers, parameters, the (micro-batch, chunk) activations it holds at
+    its peak, and estimated GiB of parameters, gradients, optimizer states, activations and their total (every TP
+    and DP rank of a stage alike)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     stages = p.pp * p.virtual_stages
     layers = stage_layers(m.num_layers, stages, p.pipeline_layers)
@@ -53,17 +54,18 @@ def estimate_memory(cfg: Config) -> list[dict]:
         params = sum(parameters_per_rank(m, p.tp, layers[s]) for s in mine)
         # What one micro-batch leaves behind in each chunk until its backward.
         chunk_bytes = [len(layers[s]) * kept + (logits if s == stages - 1 else 0.0) for s in mine]
-        # The most activation bytes held at once while the schedule runs, and the micro-batches that make it up.
+        # The most activation bytes held at once while the schedule runs, and how many (micro-batch, chunk)
+        # activations make it up (micro-batches, with one chunk per rank).
         held: set[tuple[int, int]] = set()
         most, in_flight = 0.0, 0
         for action in schedule_actions(schedule, micro_batches_per_step(cfg), p.pp, r, p.virtual_stages):
             (held.add if action.kind == "F" else held.discard)((action.micro, action.chunk))
             now = sum(chunk_bytes[c] for _, c in held)
             if now > most:
-                most, in_flight = now, len({mb for mb, _ in held})
+                most, in_flight = now, len(held)
         transient = stored if m.recompute == "full" else 0.0  # one layer rebuilt at a time
-        row = {"pp_rank": r, "layers": [[layers[s].start, layers[s].stop] for s in mine], "parameters": params,
-               "micro_batches_in_flight": in_flight,
+        row = {"pp_rank": r, "stages": mine, "layers": [[layers[s].start, layers[s].stop] for s in mine],
+               "parameters": params, "activations_in_flight": in_flight,
                "parameters_gib": 4 * params / GIB, "gradients_gib": 4 * params / GIB,
                "optimizer_gib": 8 * params / GIB, "activations_gib": (most + transient) / GIB}
         row["total_gib"] = row["parameters_gib"] + row["gradients_gib"] + row["optimizer_gib"] + row["activations_gib"]

@@ -148,9 +148,11 @@ class CheckpointTensors:
 
 
 def tp_layout(model: torch.nn.Module) -> dict[str, dict]:
-    """How each split or padded parameter is laid out: {name: {"dim": split dim or None, "vocab": padded rows}}."""
+    """How each saved split or padded parameter is laid out: {name: {"dim": split dim or None, "vocab": padded
+    rows}} (a tied embedding's copy is not saved, so not listed)."""
     return {name: {"dim": getattr(p, "tp_dim", None), "vocab": getattr(p, "tp_vocab", False)}
-            for name, p in model.named_parameters() if hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)}
+            for name, p in model.named_parameters()
+            if (hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)) and checkpoint_name(name, p) == name}
 
 
 def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int, world: int) -> torch.Tensor:

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.config import PIPELINE_SCHEDULES
 from engine.parallel.data_parallel import GradientAllReduce
 from engine.parallel.pipeline import Message, PipelineExchange
 
-SCHEDULES = ("none", "gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("none", *PIPELINE_SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def schedule_steps(schedule: str, micro_batches: int, pp: int, pp_rank: int,
         if pp != 1 or virtual != 1:
             raise ValueError(f"pp={pp} with {virtual} model chunks per rank needs a pipeline schedule")
         return [(a,) for i in range(m) for a in (Action("F", i), Action("B", i))]
+    if schedule != "interleaved_1f1b" and virtual != 1:
+        raise ValueError(f"{virtual} model chunks per rank need the interleaved_1f1b schedule, not {schedule}")
     if schedule == "gpipe":
         return [(Action("F", i),) for i in range(m)] + [(Action("B", i),) for i in range(m)]
     if schedule == "1f1b":
@@ -128,7 +131,7 @@ def communication_plan(steps: Sequence[tuple[Action, ...]], pp: int, pp_rank: in
 
 @dataclass
 class StepStats:
-    """What one schedule run saw on this rank: the most micro-batches whose activations it held at once, and, when
+    """What one schedule run saw on this rank: the most (micro-batch, chunk) activations it held at once, and, when
     `timeline` is a list, each action's (kind, micro, chunk, start, end) in time.perf_counter seconds."""
 
     max_in_flight: int = 0

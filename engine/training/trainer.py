@@ -25,15 +25,9 @@ from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.model.gpt import GPTChunks, parameter_names
 from engine.parallel.data_parallel import GradientAllReduce
-from engine.parallel.grads import allreduce_partial_grads, grad_norm
+from engine.parallel.grads import allreduce_partial_grads, allreduce_tied_embedding_grads, grad_norm
 from engine.parallel.layers import padded_vocab_size
-from engine.parallel.pipeline import (
-    PipelineExchange,
-    allreduce_tied_embedding_grads,
-    exchange_shape,
-    rank_stages,
-    stage_layers,
-)
+from engine.parallel.pipeline import PipelineExchange, exchange_shape, rank_stages, stage_layers
 from engine.parallel.random import mix_seed
 from engine.parallel.state import ParallelState
 from engine.training.checkpoint import (
@@ -159,8 +153,9 @@ class Trainer:
         scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         self.last_step_stats = StepStats(timeline=[] if self.record_timeline else None)
         total = forward_backward(list(self.model), steps if training else forward_only(steps), batches,
-                                 self.grad_syncs if training else None, self.autocast, scale, self.exchange,
-                                 self.stage_of, self.stages, keys, self.last_step_stats)
+                                 grad_syncs=self.grad_syncs if training else None, autocast=self.autocast,
+                                 scale_loss=scale, exchange=self.exchange, stage_of=self.stage_of,
+                                 stages=self.stages, dropout_keys=keys, stats=self.last_step_stats)
         if self.state.pp > 1:  # the loss exists on the last stage; every rank reports it
             dist.broadcast(total, src=self.state.pp_peer(self.state.pp - 1), group=self.state.pp_group)
         return total
@@ -362,8 +357,8 @@ class Trainer:
         return meta
 
     def init_weights_from(self, source: TensorSource) -> None:
-        """Start from weights only (fresh optimizer and data state): a checkpoint's or a Hugging Face model's, as
-        `engine.hf.weight_source` reads them."""
+        """Start from weights only (fresh optimizer and data state): a checkpoint's (`checkpoint_weights`) or a
+        Hugging Face model's (`engine.hf.hf_weights`)."""
         copy_parameters(self.model, source, self.state.tp_group, parameter_names(self.cfg.model))
 
     def progress(self) -> dict:
