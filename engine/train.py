@@ -32,7 +32,7 @@ from engine.data.builder import open_shard, parse_prefix
 from engine.data.gpt_dataset import parse_split
 from engine.data.indexed_dataset import ShardFormatError
 from engine.data.tokenizer import TokenizerError, load_tokenizer
-from engine.parallel.pipeline import PipelinePeerError
+from engine.parallel.pipeline import PipelinePeerError, rank_stages
 from engine.parallel.state import init_parallel, pick_device, shutdown, world_from_env
 from engine.training.checkpoint import (
     CheckpointError,
@@ -265,8 +265,11 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
             c = state.coords()
             step = f" in step {trainer.step + 1}" if trainer is not None else " at start-up"
             what = "stopped" if isinstance(e, PipelinePeerError) else "failed"
-            print(f"error: rank {state.rank} of {world} (pipeline rank {c.pp}, tensor rank {c.tp}, data rank "
-                  f"{c.dp}) {what}{step}: {type(e).__name__}: {e}", file=sys.stderr)
+            stages = rank_stages(c.pp, p.pp, p.virtual_stages)
+            where = (f"pipeline stage {c.pp}" if len(stages) == 1
+                     else f"pipeline rank {c.pp}: stages {', '.join(map(str, stages))}")
+            print(f"error: rank {state.rank} of {world} ({where}, tensor rank {c.tp}, data rank {c.dp}) {what}"
+                  f"{step}: {type(e).__name__}: {e}", file=sys.stderr)
         raise
     finally:
         shutdown()

@@ -29,8 +29,8 @@ def test_a_failing_last_stage_stops_every_rank_within_a_minute(tmp_path, shard):
     assert r.returncode != 0
     assert marker.exists(), r.stderr[-3000:]
     assert ended - float(marker.read_text()) < 60, "ranks outlived the failure by a minute"
-    assert "rank 7 of 8 (pipeline rank 1, tensor rank 1, data rank 1) failed in step 3" in r.stderr, r.stderr[-3000:]
-    assert "(pipeline rank 0, tensor rank 1, data rank 1) stopped in step 3: PipelinePeerError" in r.stderr
+    assert "rank 7 of 8 (pipeline stage 1, tensor rank 1, data rank 1) failed in step 3" in r.stderr, r.stderr[-3000:]
+    assert "(pipeline stage 0, tensor rank 1, data rank 1) stopped in step 3: PipelinePeerError" in r.stderr
     assert "out of memory (injected by the test)" in r.stderr
     leftover = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True)
     assert leftover.stdout == "", f"orphan processes: {leftover.stdout}"
