@@ -314,9 +314,17 @@ def pipeline_errors(cfg: Config) -> list[str]:
         if len(counts) != stages:
             errors.append(f"parallel.pipeline_layers={counts} has {len(counts)} entries; it needs one per stage: "
                           f"parallel.pp x parallel.virtual_stages = {stages}")
-        elif any(c < 1 for c in counts) or sum(counts) != n:
-            errors.append(f"parallel.pipeline_layers={counts}: every stage needs at least 1 layer and they must sum to "
-                          f"model.num_layers={n} (they sum to {sum(counts)})")
+        elif any(c < 1 for c in counts):
+            empty = [i for i, c in enumerate(counts) if c < 1]
+            errors.append(f"parallel.pipeline_layers={counts}: stage{'s' if len(empty) > 1 else ''} "
+                          f"{', '.join(map(str, empty))} would hold no layer; every stage needs at least 1")
+        elif sum(counts) != n:
+            errors.append(f"parallel.pipeline_layers={counts} sums to {sum(counts)}; it must sum to "
+                          f"model.num_layers={n}")
+    elif stages > n:
+        errors.append(f"parallel.pp x parallel.virtual_stages = {stages} stages but only model.num_layers={n} layers: "
+                      "every stage needs at least 1; lower parallel.pp or parallel.virtual_stages, or raise "
+                      "model.num_layers")
     elif n % stages:
         errors.append(f"model.num_layers={n} does not split evenly into parallel.pp x parallel.virtual_stages = "
                       f"{stages} stages; give the split with parallel.pipeline_layers=[...] (summing to {n})")

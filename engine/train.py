@@ -87,11 +87,13 @@ def dry_run(cfg: Config) -> None:
             where = f"pipeline stage {row['pp_rank']} (layers {layers})"
         else:
             where = f"pipeline rank {row['pp_rank']} (stages {', '.join(map(str, row['stages']))}: layers {layers})"
-        held = "micro-batches" if p.virtual_stages == 1 else "(micro-batch, chunk) activations"
+        n = row["activations_in_flight"]
+        held = ("micro-batch" + ("es" if n != 1 else "") if p.virtual_stages == 1
+                else "(micro-batch, chunk) activation" + ("s" if n != 1 else ""))
         print(f"{where}: {row['parameters']:,} parameters per tensor-parallel rank; estimated memory: "
               + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
                           ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "total_gib"))
-              + f" ({row['activations_in_flight']} {held} in flight)")
+              + f" ({n} {held} in flight)")
     print("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
 
 
@@ -190,6 +192,20 @@ def init_weights(path: str) -> TensorSource:
     return checkpoint_weights(path)
 
 
+def pipeline_bubble_warning(config: Config) -> str | None:
+    """Why this pipeline would mostly idle (fewer micro-batches per step than stages), or None."""
+    from engine.training.memory import micro_batches_per_step
+
+    p, m = config.parallel, micro_batches_per_step(config)
+    if p.pp == 1 or m >= p.pp:
+        return None
+    bubble = (p.pp - 1) / (p.virtual_stages * m + p.pp - 1)
+    return (f"{m} micro-batch{'es' if m > 1 else ''} per step for parallel.pp={p.pp} stages: the pipeline idles "
+            f"~{bubble:.0%} of each step ((pp - 1) / (m + pp - 1)); raise train.global_batch_size or lower "
+            "train.micro_batch_size so that train.global_batch_size / (train.micro_batch_size x dp) >= pp, "
+            "ideally several times pp")
+
+
 def tp_placement_warning(tp: int, local_world_size: int | None) -> str | None:
     """Why this launch's tensor-parallel groups would cross nodes (they are consecutive ranks), or None."""
     if tp == 1 or local_world_size is None or local_world_size % tp == 0:
@@ -217,6 +233,9 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         world = p.tp * p.pp * (p.dp or 1)
     fill_defaults(config, world, model_vocab_size(config))
     validate(config, world)
+    bubble = pipeline_bubble_warning(config)
+    if bubble and rank == 0:
+        warnings.warn(bubble, stacklevel=1)
     if config.train.dry_run:
         if rank == 0:
             dry_run(config)

@@ -81,7 +81,10 @@ RULES = [
     ({"model__num_layers": 3, "parallel__pp": 2}, 2,
      "model.num_layers=3 does not split evenly into parallel.pp x parallel.virtual_stages = 2 stages"),
     ({"model__num_layers": 3, "parallel__pp": 2, "parallel__pipeline_layers": [1, 1]}, 2,
-     "parallel.pipeline_layers=[1, 1]: every stage needs at least 1 layer and they must sum to model.num_layers=3"),
+     "parallel.pipeline_layers=[1, 1] sums to 2; it must sum to model.num_layers=3"),
+    ({"model__num_layers": 4, "parallel__pp": 2, "parallel__pipeline_layers": [0, 4]}, 2,
+     "parallel.pipeline_layers=[0, 4]: stage 0 would hold no layer"),
+    ({"model__num_layers": 4, "parallel__pp": 8}, 8, "8 stages but only model.num_layers=4 layers"),
     ({"model__num_layers": 4, "parallel__pp": 2, "parallel__pipeline_layers": [4]}, 2,
      "parallel.pipeline_layers=[4] has 1 entries; it needs one per stage"),
     ({"model__num_layers": 4, "parallel__pp": 2, "parallel__virtual_stages": 2}, 2,
@@ -242,7 +245,7 @@ def test_dry_run_plans_each_pipeline_stage():
         assert [line.split("(layers ")[1].split(")")[0] for line in lines] == ["0-3", "4-9", "10-15", "16-21"]
         for line, row, held in zip(lines, estimate_memory(cfg), in_flight, strict=True):
             assert f"{row['parameters']:,} parameters per tensor-parallel rank" in line
-            assert f"({held} micro-batches in flight)" in line, line
+            assert f"({held} micro-batch{'es' if held > 1 else ''} in flight)" in line, line
             assert row["activations_in_flight"] == held
         stages = [parameters_per_rank(cfg.model, 1, range(a, b)) for a, b in ((0, 4), (4, 10), (10, 16), (16, 22))]
         assert sum(stages) == count_parameters(cfg.model)  # untied Llama: every parameter on exactly one stage
