@@ -278,7 +278,7 @@ def validate(cfg: Config, world_size: int) -> None:
         check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
               f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
               f"{t.micro_batch_size} x parallel.dp={dp}; use a multiple of {t.micro_batch_size * dp}")
-        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        micro_batches = micro_batches_per_step(cfg)
         if p.pp > 1 and p.pipeline_schedule == "interleaved_1f1b" and micro_batches % p.pp:
             errors.append(f"parallel.pipeline_schedule=interleaved_1f1b needs the micro-batches per step "
                           f"(train.global_batch_size / (train.micro_batch_size x parallel.dp) = {micro_batches}) to be "
@@ -302,6 +302,12 @@ def validate(cfg: Config, world_size: int) -> None:
         check(value >= 0, f"{name}={value} must be >= 0")
     if errors:
         raise ConfigError(_format(errors))
+
+
+def micro_batches_per_step(cfg: Config) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step: global batch / (micro batch x dp)."""
+    t = cfg.train
+    return t.global_batch_size // (t.micro_batch_size * (cfg.parallel.dp or 1))
 
 
 def pipeline_errors(cfg: Config) -> list[str]:

@@ -27,12 +27,20 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import kernels
-from engine.config import Config, ConfigError, fill_defaults, register_configs, unknown_keys, validate
+from engine.config import (
+    Config,
+    ConfigError,
+    fill_defaults,
+    micro_batches_per_step,
+    register_configs,
+    unknown_keys,
+    validate,
+)
 from engine.data.builder import open_shard, parse_prefix
 from engine.data.gpt_dataset import parse_split
 from engine.data.indexed_dataset import ShardFormatError
 from engine.data.tokenizer import TokenizerError, load_tokenizer
-from engine.parallel.pipeline import PipelinePeerError, rank_stages
+from engine.parallel.pipeline import PipelinePeerError, pipeline_place
 from engine.parallel.state import init_parallel, pick_device, shutdown, world_from_env
 from engine.training.checkpoint import (
     CheckpointError,
@@ -64,7 +72,7 @@ def dry_run(cfg: Config) -> None:
     allocating it."""
     from engine.model.flops import count_parameters, flops_per_token
     from engine.parallel.layers import padded_vocab_size
-    from engine.training.memory import estimate_memory, micro_batches_per_step
+    from engine.training.memory import estimate_memory
 
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
     n = count_parameters(cfg.model)
@@ -81,17 +89,12 @@ def dry_run(cfg: Config) -> None:
                                                      if p.virtual_stages > 1 else "") if p.pp > 1 else ""))
     for row in estimate_memory(cfg):
         layers = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in row["layers"])
-        if p.pp == 1:
-            where = f"every rank (layers {layers})"
-        elif p.virtual_stages == 1:
-            where = f"pipeline stage {row['pp_rank']} (layers {layers})"
-        else:
-            where = f"pipeline rank {row['pp_rank']} (stages {', '.join(map(str, row['stages']))}: layers {layers})"
+        where = "every rank" if p.pp == 1 else pipeline_place(row["pp_rank"], p.pp, p.virtual_stages)
         n = row["activations_in_flight"]
         held = ("micro-batch" + ("es" if n != 1 else "") if p.virtual_stages == 1
                 else "(micro-batch, chunk) activation" + ("s" if n != 1 else ""))
-        print(f"{where}: {row['parameters']:,} parameters per tensor-parallel rank; estimated memory: "
-              + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
+        print(f"{where} (layers {layers}): {row['parameters']:,} parameters per tensor-parallel rank; estimated "
+              "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
                           ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "total_gib"))
               + f" ({n} {held} in flight)")
     print("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
@@ -193,13 +196,12 @@ def init_weights(path: str) -> TensorSource:
 
 
 def pipeline_bubble_warning(config: Config) -> str | None:
-    """Why this pipeline would mostly idle (fewer micro-batches per step than stages), or None."""
-    from engine.training.memory import micro_batches_per_step
-
+    """Why this pipeline would mostly idle (fewer micro-batches per step than stages), or None. (The interleaved
+    schedule never gets here: it needs a multiple of pp.)"""
     p, m = config.parallel, micro_batches_per_step(config)
     if p.pp == 1 or m >= p.pp:
         return None
-    bubble = (p.pp - 1) / (p.virtual_stages * m + p.pp - 1)
+    bubble = (p.pp - 1) / (m + p.pp - 1)
     return (f"{m} micro-batch{'es' if m > 1 else ''} per step for parallel.pp={p.pp} stages: the pipeline idles "
             f"~{bubble:.0%} of each step ((pp - 1) / (m + pp - 1)); raise train.global_batch_size or lower "
             "train.micro_batch_size so that train.global_batch_size / (train.micro_batch_size x dp) >= pp, "
@@ -284,9 +286,7 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
             c = state.coords()
             step = f" in step {trainer.step + 1}" if trainer is not None else " at start-up"
             what = "stopped" if isinstance(e, PipelinePeerError) else "failed"
-            stages = rank_stages(c.pp, p.pp, p.virtual_stages)
-            where = (f"pipeline stage {c.pp}" if len(stages) == 1
-                     else f"pipeline rank {c.pp}: stages {', '.join(map(str, stages))}")
+            where = pipeline_place(c.pp, p.pp, p.virtual_stages)
             print(f"error: rank {state.rank} of {world} ({where}, tensor rank {c.tp}, data rank {c.dp}) {what}"
                   f"{step}: {type(e).__name__}: {e}", file=sys.stderr)
         raise

@@ -22,7 +22,7 @@ def simulate(schedule: str, m: int, pp: int, v: int = 1, forward: bool = False) 
         if forward:
             steps = forward_only(steps)
         actions = [a for step in steps for a in step]
-        plans.append(communication_plan(steps, pp, r, stages))
+        plans.append(communication_plan(steps, rank_stages(r, pp, v), stages))
         expected = {(k, i, c) for k in ("FB"[:1] if forward else "FB") for i in range(m) for c in range(v)}
         assert Counter((a.kind, a.micro, a.chunk) for a in actions) == Counter(expected)
         done_forward = set()
@@ -113,7 +113,7 @@ def test_interleaved_refuses_ragged_micro_batches():
 def test_no_pipelining_is_the_accumulation_loop():
     assert schedule_actions("1f1b", 3, 1, 0) == [Action("F", 0), Action("B", 0), Action("F", 1), Action("B", 1),
                                                  Action("F", 2), Action("B", 2)]
-    plan = communication_plan(schedule_steps("none", 3, 1, 0), 1, 0, 1)
+    plan = communication_plan(schedule_steps("none", 3, 1, 0), [0], 1)
     assert all(not sends and not recvs for sends, recvs, _ in plan)
 
 

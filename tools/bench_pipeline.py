@@ -71,7 +71,7 @@ from engine.config import PIPELINE_SCHEDULES, Config, ConfigError, fill_defaults
 from engine.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.parallel.data_parallel import GradientAllReduce  # noqa: E402
-from engine.parallel.pipeline import PipelineExchange, exchange_shape, stage_layers  # noqa: E402
+from engine.parallel.pipeline import PipelineExchange, exchange_shape, rank_stages, stage_layers  # noqa: E402
 from engine.parallel.state import ParallelState, init_parallel  # noqa: E402
 from engine.training.schedule import forward_backward, schedule_steps  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
@@ -312,7 +312,8 @@ def chrome_trace(timelines: list[list[tuple]], args: argparse.Namespace) -> dict
                            "args": {"name": f"{args.schedule}, pp {args.pp}, {args.micro_batches} micro-batches"
                                             + (f", {v} chunks per rank" if v > 1 else "")}}]
     for rank, timeline in enumerate(timelines):
-        stages = ", ".join(str(c * args.pp + rank) for c in range(v))
+        stage_of = rank_stages(rank, args.pp, v)
+        stages = ", ".join(map(str, stage_of))
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank,
                        "args": {"name": f"pp rank {rank} (stage{'s' if v > 1 else ''} {stages})"}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank, "args": {"sort_index": rank}})
@@ -320,7 +321,7 @@ def chrome_trace(timelines: list[list[tuple]], args: argparse.Namespace) -> dict
             events.append({"name": f"{kind}{micro}" + (f".c{chunk}" if v > 1 else ""),
                            "cat": "forward" if kind == "F" else "backward", "ph": "X", "pid": 0, "tid": rank,
                            "ts": round(start * 1e6, 3), "dur": round((end - start) * 1e6, 3),
-                           "args": {"micro_batch": micro, "chunk": chunk, "stage": chunk * args.pp + rank}})
+                           "args": {"micro_batch": micro, "chunk": chunk, "stage": stage_of[chunk]}})
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"schedule": args.schedule, "pp": args.pp, "virtual": v, "micro_batches": args.micro_batches,
                           "time_zero": "the step's common start (barrier, then the latest clock reading of all ranks)"}}

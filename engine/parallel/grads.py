@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.parallel.layers import is_tied_copy
 from engine.parallel.mappings import tp_all_reduce_, tp_size
 
 BUCKET_BYTES = 25 * 2**20  # one all-reduce per this much gradient: no whole-model flat copy for large GQA models
@@ -60,7 +61,7 @@ def grad_norm(params: Iterable[nn.Parameter], group: dist.ProcessGroup | None,
     stages summed over the pipeline group (a tied embedding's last-stage copy left out: it is the same weight)."""
     sharded, replicated = [], []
     for p in params:
-        if p.grad is not None and getattr(p, "tied_embedding", None) != "copy":
+        if p.grad is not None and not is_tied_copy(p):
             (sharded if hasattr(p, "tp_dim") else replicated).append(p.grad.detach().float().square().sum())
     if not sharded and not replicated:
         raise RuntimeError("grad_norm: no parameter has a gradient (was backward run?)")

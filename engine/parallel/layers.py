@@ -11,6 +11,8 @@ reduction below:
     tp_vocab          its rows are this rank's slice of the padded vocabulary (the value: the real vocabulary size)
     tp_partial_grad   replicated, but each rank's gradient covers only its part of the work (its sequence chunk,
                       its query heads): the true gradient is the sum over the TP group
+    tied_embedding    a tied embedding split across pipeline stages: "embedding" on the first stage, "copy" (the
+                      head's own weight, kept equal to it) on the last (engine.model.gpt)
 With sequence parallelism (`sequence_parallel=True`) the activations between the TP regions are split along the
 sequence (dim 1): column layers all-gather their input, row layers reduce-scatter their output.
 """
@@ -60,6 +62,12 @@ def mark_partial_grad(*params: nn.Parameter | None) -> None:
     for p in params:
         if p is not None:
             p.tp_partial_grad = True
+
+
+def is_tied_copy(p: nn.Parameter) -> bool:
+    """True for a last pipeline stage's copy of a tied embedding: the same weight as the first stage's, so it is
+    neither saved nor counted twice."""
+    return getattr(p, "tied_embedding", None) == "copy"
 
 
 def _linear_master(in_features: int, out_features: int, bias: bool,

@@ -49,6 +49,13 @@ def rank_stages(pp_rank: int, pp: int, virtual: int) -> list[int]:
     return [chunk * pp + pp_rank for chunk in range(virtual)]
 
 
+def pipeline_place(pp_rank: int, pp: int, virtual: int) -> str:
+    """Where a pipeline rank sits, for messages: `pipeline stage 1`, or `pipeline rank 1: stages 1, 3`."""
+    if virtual == 1:
+        return f"pipeline stage {pp_rank}"
+    return f"pipeline rank {pp_rank}: stages {', '.join(map(str, rank_stages(pp_rank, pp, virtual)))}"
+
+
 class PipelinePeerError(RuntimeError):
     """A pipeline neighbour went away (its process failed) or fell silent for parallel.timeout_s."""
 
@@ -72,10 +79,9 @@ class PipelineExchange:
 
     def __init__(self, state: ParallelState, shape: tuple[int, ...], dtype: torch.dtype):
         self.state, self.shape, self.dtype = state, tuple(shape), dtype
-        self.pp = state.pp
 
     def _peer(self, stage: int) -> int:
-        return self.state.pp_peer(stage % self.pp)
+        return self.state.pp_peer(stage)  # stage s lives on pipeline rank s mod pp
 
     def exchange(self, sends: Sequence[tuple[Message, torch.Tensor]], recvs: Sequence[Message]) -> dict:
         """Send each (message, tensor), receive each message; returns {message: received tensor}."""

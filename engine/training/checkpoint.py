@@ -34,6 +34,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from engine.parallel.layers import is_tied_copy
 from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.state import ParallelState
 from engine.training.reshard import (
@@ -122,7 +123,7 @@ def _param_names(model: torch.nn.Module) -> dict[int, str]:
 
 def _saved_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """What this rank writes: its parameters by name, less a tied embedding's copy (the first stage writes it)."""
-    return {name: p for name, p in model.named_parameters() if getattr(p, "tied_embedding", None) != "copy"}
+    return {name: p for name, p in model.named_parameters() if not is_tied_copy(p)}
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -20,18 +20,12 @@ schedule's own action list (engine.training.schedule), so estimate and executor 
 
 from __future__ import annotations
 
-from engine.config import Config
+from engine.config import Config, micro_batches_per_step
 from engine.model.flops import parameters_per_rank
 from engine.parallel.pipeline import rank_stages, stage_layers
 from engine.training.schedule import schedule_actions
 
 GIB = 2**30
-
-
-def micro_batches_per_step(cfg: Config) -> int:
-    """Micro-batches each data-parallel rank runs per optimizer step."""
-    t = cfg.train
-    return t.global_batch_size // (t.micro_batch_size * (cfg.parallel.dp or 1))
 
 
 def estimate_memory(cfg: Config) -> list[dict]:
@@ -47,7 +41,6 @@ def estimate_memory(cfg: Config) -> list[dict]:
     stored = sbh * (30 / p.tp + 4 if sp else 10 + 24 / p.tp) * act_scale  # one layer, one micro-batch, all kept
     kept = (2 * sbh / (p.tp if sp else 1)) * act_scale if m.recompute == "full" else stored
     logits = 2 * t.seq_len * t.micro_batch_size * m.vocab_size * 4 / p.tp
-    schedule = p.pipeline_schedule if p.pp > 1 else "none"
     out = []
     for r in range(p.pp):
         mine = rank_stages(r, p.pp, p.virtual_stages)
@@ -58,7 +51,7 @@ def estimate_memory(cfg: Config) -> list[dict]:
         # activations make it up (micro-batches, with one chunk per rank).
         held: set[tuple[int, int]] = set()
         most, in_flight = 0.0, 0
-        for action in schedule_actions(schedule, micro_batches_per_step(cfg), p.pp, r, p.virtual_stages):
+        for action in schedule_actions(p.pipeline_schedule, micro_batches_per_step(cfg), p.pp, r, p.virtual_stages):
             (held.add if action.kind == "F" else held.discard)((action.micro, action.chunk))
             now = sum(chunk_bytes[c] for _, c in held)
             if now > most:

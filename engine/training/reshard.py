@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
+from engine.parallel.layers import is_tied_copy
 from engine.parallel.mappings import tp_rank, tp_size
 
 
@@ -152,7 +153,7 @@ def tp_layout(model: torch.nn.Module) -> dict[str, dict]:
     rows}} (a tied embedding's copy is not saved, so not listed)."""
     return {name: {"dim": getattr(p, "tp_dim", None), "vocab": getattr(p, "tp_vocab", False)}
             for name, p in model.named_parameters()
-            if (hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)) and checkpoint_name(name, p) == name}
+            if (hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)) and not is_tied_copy(p)}
 
 
 def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int, world: int) -> torch.Tensor:
@@ -183,7 +184,7 @@ def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int,
 
 def checkpoint_name(name: str, p: torch.nn.Parameter) -> str:
     """The name `p` is saved under: its own, except a last stage's copy of a tied embedding (`tok_emb.weight`)."""
-    return "tok_emb.weight" if getattr(p, "tied_embedding", None) == "copy" else name
+    return "tok_emb.weight" if is_tied_copy(p) else name
 
 
 def copy_parameters(model: torch.nn.Module, source: TensorSource, group: dist.ProcessGroup | None = None,

@@ -100,9 +100,9 @@ def forward_only(steps: Sequence[tuple[Action, ...]]) -> list[tuple[Action, ...]
     return [(a,) for step in steps for a in step if a.kind == "F"]
 
 
-def action_messages(action: Action, pp: int, pp_rank: int, stages: int) -> tuple[Message | None, Message | None]:
-    """(the message `action` needs before it runs, the message it produces), None where there is none."""
-    stage = action.chunk * pp + pp_rank
+def action_messages(action: Action, stage: int, stages: int) -> tuple[Message | None, Message | None]:
+    """(the message `action`, run on stage `stage` of `stages`, needs before it runs, the message it produces), None
+    where there is none."""
     if action.kind == "F":
         need = Message("act", action.micro, stage - 1) if stage > 0 else None
         made = Message("act", action.micro, stage) if stage < stages - 1 else None
@@ -112,15 +112,16 @@ def action_messages(action: Action, pp: int, pp_rank: int, stages: int) -> tuple
     return need, made
 
 
-def communication_plan(steps: Sequence[tuple[Action, ...]], pp: int, pp_rank: int,
+def communication_plan(steps: Sequence[tuple[Action, ...]], stage_of: Sequence[int],
                        stages: int) -> list[tuple[list[Message], list[Message], tuple[Action, ...]]]:
     """(messages to send, messages to receive, then the actions to run) for each step, plus a last entry that sends
-    what the last step produced (with no actions): the batches the executor posts, in order."""
+    what the last step produced (with no actions): the batches the executor posts, in order. `stage_of[c]` is
+    model chunk c's stage (engine.parallel.pipeline.rank_stages)."""
     plan, pending = [], []
     for step in steps:
         needs, made = [], []
         for action in step:
-            need, out = action_messages(action, pp, pp_rank, stages)
+            need, out = action_messages(action, stage_of[action.chunk], stages)
             needs += [need] if need else []
             made += [out] if out else []
         plan.append((pending, needs, step))
@@ -164,10 +165,9 @@ def forward_backward(
     last_backward = {a.chunk: a for a in flat if a.kind == "B"}  # each chunk's reduction runs in its last one
     held: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}  # (micro, chunk) -> (input, output)
     stats = stats if stats is not None else StepStats()
-    pp = 1 if exchange is None else exchange.pp
     produced: dict[Message, torch.Tensor] = {}
     received: dict[Message, torch.Tensor] = {}
-    for sends, recvs, step in communication_plan(steps, pp, stage_of[0] % pp, stages):
+    for sends, recvs, step in communication_plan(steps, stage_of, stages):
         if exchange is not None:
             received.update(exchange.exchange([(msg, produced.pop(msg)) for msg in sends], recvs))
         for action in step:

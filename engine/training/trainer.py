@@ -104,7 +104,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.autocast = autocast_factory(t.precision, self.device)
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
-        self.schedule = p.pipeline_schedule if state.pp > 1 else "none"
         self.exchange = None
         if state.pp > 1:
             shape = exchange_shape(t.micro_batch_size, t.seq_len, m.hidden_size, state.tp, p.sequence_parallel)
@@ -136,20 +135,20 @@ class Trainer:
         self.valid_sampler = (BatchSampler(len(self.valid_data), g, mbs, state.dp_rank, state.dp)
                               if self.valid_data is not None else None)
 
-    def micro_batches(self, dataset, sampler: BatchSampler, consumed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of the global batch starting at `consumed`."""
+    def micro_batches(self, dataset, indices: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches of these sample indices (a sampler's `micro_batches`)."""
         vocab = self.cfg.model.vocab_size
-        return [get_batch(dataset, idx, self.device, vocab) for idx in sampler.micro_batches(consumed)]
+        return [get_batch(dataset, idx, self.device, vocab) for idx in indices]
 
-    def dropout_keys(self, sampler: BatchSampler, consumed: int) -> list[int]:
+    def dropout_keys(self, indices: list[np.ndarray]) -> list[int]:
         """Each micro-batch's dropout key: the seed and its first sample, so masks follow samples, not layouts."""
-        return [mix_seed(self.cfg.train.seed, int(idx[0])) for idx in sampler.micro_batches(consumed)]
+        return [mix_seed(self.cfg.train.seed, int(idx[0])) for idx in indices]
 
     def _run_schedule(self, batches: list, training: bool, keys: list[int] | None = None) -> torch.Tensor:
         """This rank's part of one global batch through the pipeline; the summed micro-batch losses on every rank
         (float64), from the last stage."""
-        steps = schedule_steps(self.schedule, len(batches), self.state.pp, self.state.pp_rank,
-                               self.cfg.parallel.virtual_stages)
+        p = self.cfg.parallel
+        steps = schedule_steps(p.pipeline_schedule, len(batches), self.state.pp, self.state.pp_rank, p.virtual_stages)
         scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         self.last_step_stats = StepStats(timeline=[] if self.record_timeline else None)
         total = forward_backward(list(self.model), steps if training else forward_only(steps), batches,
@@ -172,9 +171,10 @@ class Trainer:
 
         Afterwards every gradient is whole: averaged over DP, partial ones summed over TP, the loss scale removed.
         """
-        batches = self.micro_batches(self.train_data, self.train_sampler, self.consumed_samples)
+        indices = self.train_sampler.micro_batches(self.consumed_samples)
+        batches = self.micro_batches(self.train_data, indices)
         self.model.train()
-        loss_sum = self._run_schedule(batches, True, self.dropout_keys(self.train_sampler, self.consumed_samples))
+        loss_sum = self._run_schedule(batches, True, self.dropout_keys(indices))
         for sync in self.grad_syncs:
             sync.finish_grad_sync()
         allreduce_partial_grads(self.model.parameters(), self.state.tp_group)
@@ -214,7 +214,7 @@ class Trainer:
         count = 0
         g = self.cfg.train.global_batch_size
         for it in range(self.cfg.train.eval_iters):
-            batches = self.micro_batches(self.valid_data, self.valid_sampler, it * g)
+            batches = self.micro_batches(self.valid_data, self.valid_sampler.micro_batches(it * g))
             total += self._run_schedule(batches, False)
             count += len(batches)
         loss = dp_mean(total / count, self.state)
