@@ -26,7 +26,7 @@ from engine.config import Config, OptimConfig, fill_defaults  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.parallel.state import ParallelState  # noqa: E402
 from engine.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from engine.training.optimizer import build_optimizer  # noqa: E402
+from engine.training.optimizer import build_optimizer, param_groups  # noqa: E402
 
 
 def preset_config(name: str, tp: int = 1, vocab: int = 50304) -> Config:
@@ -43,7 +43,7 @@ def build(name: str, tp: int = 1, group: torch.distributed.ProcessGroup | None =
     """This rank's part of the preset (TP `group` of `tp` ranks), and an AdamW whose state exists (one step on
     random grads)."""
     model = GPT(preset_config(name, tp, vocab).model, group)
-    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    optimizer = build_optimizer(param_groups(model, OptimConfig()), OptimConfig(), torch.device("cpu"))
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()

@@ -36,7 +36,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from engine.config import Config, ConfigError, fill_defaults, validate  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.parallel import cross_entropy, grads, mappings  # noqa: E402
-from engine.parallel.grads import allreduce_partial_grads, grad_norm  # noqa: E402
+from engine.parallel.grads import allreduce_partial_grads, clip_grads_, grad_norm, param_grads  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.trainer import autocast_factory  # noqa: E402
 
@@ -115,9 +115,9 @@ def worker(rank: int, tp: int, port: int, args: argparse.Namespace, results: dic
             with autocast():
                 loss = model(inputs, targets)
             loss.backward()
-            allreduce_partial_grads(model.parameters(), state.tp_group)
+            allreduce_partial_grads(param_grads(model.parameters()), state.tp_group)
             params = list(model.parameters())
-            torch.nn.utils.clip_grads_with_norm_(params, 1.0, grad_norm(params, state.tp_group))
+            clip_grads_([p.grad for p in params], 1.0, grad_norm(param_grads(params), state.tp_group))
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
         if device.type == "cuda":

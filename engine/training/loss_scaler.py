@@ -29,12 +29,11 @@ class DynamicLossScaler:
         """The loss to differentiate: times the current scale."""
         return loss * self.scale_value
 
-    def unscale_(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Divide every gradient by the scale, in place."""
+    def unscale_(self, grads: Iterable[torch.Tensor]) -> None:
+        """Divide every gradient (or ZeRO gradient shard) by the scale, in place."""
         inv = 1.0 / self.scale_value
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(inv)
+        for g in grads:
+            g.mul_(inv)
 
     @staticmethod
     def found_inf(grad_norm: torch.Tensor, world: bool) -> bool:

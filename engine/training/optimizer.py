@@ -28,9 +28,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: torch's fused kernel on CUDA, its foreach path elsewhere, or apex's FusedAdam when asked."""
-    groups = param_groups(model, cfg)
+def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over parameter `groups` (`param_groups`): torch's fused kernel on CUDA, its foreach path elsewhere, or
+    apex's FusedAdam when asked."""
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
     if cfg.impl == "apex":
         try:

@@ -25,7 +25,13 @@ from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.model.gpt import GPTChunks, parameter_names
 from engine.parallel.data_parallel import GradientAllReduce
-from engine.parallel.grads import allreduce_partial_grads, allreduce_tied_embedding_grads, grad_norm
+from engine.parallel.grads import (
+    allreduce_partial_grads,
+    allreduce_tied_embedding_grads,
+    clip_grads_,
+    grad_norm,
+    param_grads,
+)
 from engine.parallel.layers import padded_vocab_size
 from engine.parallel.pipeline import PipelineExchange, exchange_shape, rank_stages, stage_layers
 from engine.parallel.random import mix_seed
@@ -101,7 +107,7 @@ class Trainer:
                 for block in chunk.blocks.values():
                     block.compile()  # in place: parameter names, and so checkpoints, stay the plain model's
         self.grad_syncs = [GradientAllReduce(chunk, state.dp_group, p.bucket_size_mb) for chunk in self.model]
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, self.device)
         self.autocast = autocast_factory(t.precision, self.device)
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
         self.exchange = None
@@ -177,10 +183,11 @@ class Trainer:
         loss_sum = self._run_schedule(batches, True, self.dropout_keys(indices))
         for sync in self.grad_syncs:
             sync.finish_grad_sync()
-        allreduce_partial_grads(self.model.parameters(), self.state.tp_group)
-        allreduce_tied_embedding_grads(self.model.parameters(), self.state.embedding_group)
+        grads = param_grads(self.model.parameters())
+        allreduce_partial_grads(grads, self.state.tp_group)
+        allreduce_tied_embedding_grads(grads, self.state.embedding_group)
         if self.scaler is not None:
-            self.scaler.unscale_(self.model.parameters())
+            self.scaler.unscale_([g for g, _ in grads])
         return dp_mean(loss_sum / len(batches), self.state)
 
     def apply_gradients(self) -> tuple[float, float]:
@@ -188,15 +195,15 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim)
         set_lr(self.optimizer, lr)
-        params = list(self.model.parameters())
+        grads = param_grads(self.model.parameters())
         # Over every rank's shards and stages, not just this rank's.
-        norm = grad_norm(params, self.state.tp_group, self.state.pp_group)
+        norm = grad_norm(grads, self.state.tp_group, self.state.pp_group)
         overflow = self.scaler is not None and self.scaler.found_inf(norm, self.state.world_size > 1)
         if overflow:  # fp16 overflowed somewhere: every rank skips this step together
             self.skipped_steps += 1
         else:
             if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, norm)
+                clip_grads_([g for g, _ in grads], cfg.optim.clip_grad, norm)
             self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update(overflow)

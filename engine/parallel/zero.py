@@ -1,0 +1,378 @@
+"""ZeRO data parallelism (Rajbhandari et al., 2020): model states sharded over the data-parallel group.
+
+A model chunk's parameters are laid out in flat buffers ("buckets"), each padded to a multiple of the DP size so
+that any parameter count splits into equal shards; DP rank r owns elements [r * S, (r + 1) * S) of every bucket.
+
+    stage 1   full parameters and gradients on every rank; fp32 master weights and AdamW moments only for the
+              shard. The last micro-batch's backward reduce-scatters each bucket as it fills; each rank updates its
+              shard, and the buckets are all-gathered back into the full parameters.
+    stage 2   as 1, but gradients exist whole only while a bucket fills: every micro-batch reduce-scatters them and
+              adds its shard into the gradient shard, so micro-batches before the last communicate too.
+    stage 3   as 2, and the parameters are sharded too: a part of the model (the embedding, each layer, the final
+              norm, the head) is all-gathered just before its forward, freed after it, and gathered again for its
+              backward, the next part's gather already in flight.
+
+Per micro-batch and Psi parameters, the wire carries a reduce-scatter of Psi (stages 1 and 2; stage 1 only on the
+last micro-batch) and an all-gather of Psi per step; stage 3 gathers Psi in forward and again in backward instead.
+Collectives are asynchronous and launched from gradient hooks (and, for stage 3, forward hooks), so they overlap
+the computation still running; `overlap=False` waits for each at once, for debugging.
+
+With a 16-bit compute dtype the model holds 16-bit parameters and gradients, and the shard keeps fp32 master
+weights ("bf16 params, fp32 main params"); in fp32 the parameter shard is its own master. Gradients are reduced in
+`reduce_dtype`. Partial tensor-parallel gradients and a tied embedding's pipeline copies are completed on the
+shards afterwards (both are sums, so they commute with the reduce-scatter); a tied embedding is kept in a bucket of
+its own, so its shards line up on the first and last stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class ShardPiece:
+    """The part of one parameter inside this rank's shard: elements [start, start + length) of the flattened
+    parameter, at [offset, offset + length) of the shard."""
+
+    param: nn.Parameter
+    start: int
+    offset: int
+    length: int
+
+
+class Bucket:
+    """A flat, padded buffer of some parameters and this DP rank's shard of it."""
+
+    def __init__(self, params: list[nn.Parameter], stage: int, rank: int, world: int, compute_dtype: torch.dtype,
+                 master_dtype: torch.dtype, device: torch.device):
+        self.params, self.stage, self.world = params, stage, world
+        self.shapes = [p.shape for p in params]
+        self.starts = [0]
+        for p in params:
+            self.starts.append(self.starts[-1] + p.numel())
+        self.numel = self.starts[-1]
+        self.shard_size = math.ceil(self.numel / world)
+        self.lo = rank * self.shard_size
+        self.pieces = []
+        for p, a, b in zip(params, self.starts, self.starts[1:], strict=False):
+            lo, hi = max(a, self.lo), min(b, self.lo + self.shard_size)
+            if lo < hi:
+                self.pieces.append(ShardPiece(p, lo - a, lo - self.lo, hi - lo))
+        source = torch.zeros(self.shard_size * world, dtype=params[0].dtype, device=device)
+        with torch.no_grad():
+            for p, a in zip(params, self.starts, strict=False):
+                source[a : a + p.numel()].copy_(p.detach().reshape(-1))
+        full = source.to(compute_dtype)  # the same tensor when the model already computes in that dtype
+        self.full: torch.Tensor | None = full
+        self.gathering: tuple[dist.Work, torch.Tensor] | None = None  # stage 3: an all-gather in flight
+        shard = full[self.lo : self.lo + self.shard_size]
+        self.param_shard = shard.clone() if stage == 3 else shard  # what this rank keeps of the parameters
+        # The master weights: the parameter shard itself when the model computes in the master dtype.
+        self.master = (self.param_shard if master_dtype == compute_dtype
+                       else source[self.lo : self.lo + self.shard_size].to(master_dtype, copy=True))
+        self.grad_full = None  # stage 1: every parameter's .grad is a view into it
+        if stage == 1:
+            self.grad_full = torch.zeros_like(full)
+            self.grad_shard = self.grad_full[self.lo : self.lo + self.shard_size]
+        else:
+            self.grad_shard = torch.zeros(self.shard_size, dtype=compute_dtype, device=device)
+        self.ready = 0
+        self.pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor]] = []  # (handle, output, input)
+        self.users = 0  # stage 3: forwards running on the gathered parameters
+        self.pinned = False  # stage 3: gathered for a backward that has not finished
+        self.attach(full)
+        if stage == 1:
+            for p, a in zip(params, self.starts, strict=False):
+                p.grad = self.grad_full[a : a + p.numel()].view_as(p)
+        if stage == 3:
+            self.release()
+
+    def attach(self, full: torch.Tensor) -> None:
+        """Point every parameter at its place in the full buffer `full`."""
+        self.full = full
+        for p, a, shape in zip(self.params, self.starts, self.shapes, strict=False):
+            p.data = full[a : a + shape.numel()].view(shape)
+
+    def release(self) -> None:
+        """Stage 3: drop the full parameters (autograd may still hold views, freed with the graph)."""
+        self.full = None
+        empty = torch.empty(0, dtype=self.param_shard.dtype, device=self.param_shard.device)
+        for p in self.params:
+            p.data = empty
+
+    def master_pieces(self) -> list[tuple[ShardPiece, torch.Tensor]]:
+        """Each piece and its view of the master shard."""
+        return [(piece, self.master[piece.offset : piece.offset + piece.length]) for piece in self.pieces]
+
+    def grad_pieces(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
+        """(gradient shard view, parameter) of each piece."""
+        return [(self.grad_shard[pc.offset : pc.offset + pc.length], pc.param) for pc in self.pieces]
+
+
+class ZeroDataParallel:
+    """ZeRO stage 1, 2 or 3 over `group` for one model chunk: its buckets, hooks and collectives.
+
+    The interface the schedule and trainer use is the data-parallel one (`no_sync`, `finish_grad_sync`,
+    `zero_grad`), plus `grads()` (the gradient shards, for the norm and clipping) and `gather_params()` (after the
+    optimizer updated the master shards).
+    """
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, stage: int, bucket_size_mb: float = 25.0,
+                 compute_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
+                 overlap: bool = True, master_device: torch.device | None = None):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage {stage}: expected 1, 2 or 3 (stage 0 is GradientAllReduce)")
+        if group is None and dist.is_initialized():
+            group = dist.group.WORLD
+        self.group, self.stage, self.overlap = group, stage, overlap
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.reduce_dtype = reduce_dtype
+        self.sync = True
+        device = next(module.parameters()).device
+        if self.world > 1:  # every replica starts from the first one's weights
+            src = dist.get_global_rank(group, 0)
+            for p in module.parameters():
+                dist.broadcast(p.data, src=src, group=group)
+        parts = model_parts(module)
+        units = [list(dict.fromkeys(p for p in part.parameters() if p.requires_grad)) for part in parts]
+        seen: set[int] = set()
+        for unit in units:  # a tied weight belongs to the first part that holds it
+            unit[:] = [p for p in unit if id(p) not in seen]
+            seen.update(id(p) for p in unit)
+        self.buckets: list[Bucket] = []
+        make = lambda ps: Bucket(ps, stage, self.rank, self.world, compute_dtype, torch.float32, device)  # noqa: E731
+        if stage == 3:
+            self.buckets = [make(u) for u in units if u]
+        else:
+            # Reverse order, roughly the order backward produces gradients; a tied embedding alone.
+            limit, current, nbytes = max(1, int(bucket_size_mb * 2**20)), [], 0
+            for p in reversed([p for u in units for p in u]):
+                if getattr(p, "tied_embedding", None):
+                    self.buckets.append(make([p]))
+                    continue
+                current.append(p)
+                nbytes += p.numel() * torch.finfo(compute_dtype).bits // 8
+                if nbytes >= limit:
+                    self.buckets.append(make(current))
+                    current, nbytes = [], 0
+            if current:
+                self.buckets.append(make(current))
+        self.bucket_of = {p: b for b in self.buckets for p in b.params}
+        for b in self.buckets:
+            for p in b.params:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        if stage == 3:
+            self._hook_parts(parts)
+
+    # ----------------------------------------------------------------------------------------------- gradients
+    def _on_grad_ready(self, param: nn.Parameter) -> None:
+        bucket = self.bucket_of[param]
+        if self.stage == 1 and not self.sync:
+            return
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            self._reduce(bucket)
+
+    def _reduce(self, bucket: Bucket) -> None:
+        """Reduce-scatter the bucket's gradients (pre-divided: gloo has no AVG) towards its shard."""
+        bucket.ready = 0
+        if self.stage == 1:
+            flat = bucket.grad_full
+        else:  # gather this micro-batch's gradients into one flat input, then let autograd's copies go
+            flat = torch.zeros(bucket.shard_size * self.world, dtype=self.reduce_dtype, device=bucket.grad_shard.device)
+            for p, a in zip(bucket.params, bucket.starts, strict=False):
+                if p.grad is not None:
+                    flat[a : a + p.grad.numel()].copy_(p.grad.reshape(-1))
+                    p.grad = None
+            if self.stage == 3:
+                bucket.pinned = False
+                if bucket.users == 0:
+                    bucket.release()
+        flat = flat.to(self.reduce_dtype)
+        flat.div_(self.world)
+        out = torch.empty(bucket.shard_size, dtype=self.reduce_dtype, device=flat.device)
+        while bucket.pending:  # the previous micro-batch's reduction of this bucket lands first
+            self._land(bucket)
+        handle = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
+        bucket.pending.append((handle, out, flat))
+        if not self.overlap:
+            self._land(bucket)
+
+    def _land(self, bucket: Bucket) -> None:
+        handle, out, _ = bucket.pending.pop(0)
+        handle.wait()
+        if self.stage == 1:
+            bucket.grad_shard.copy_(out)
+        else:
+            bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype))
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Micro-batches before the last: stage 1 accumulates whole gradients locally; stages 2 and 3 keep no whole
+        gradients, so they reduce every micro-batch regardless."""
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+    def finish_grad_sync(self) -> None:
+        """Wait for every bucket's reduction (launching any whose parameters got no gradient)."""
+        for bucket in self.buckets:
+            if bucket.ready or (self.stage == 1 and not bucket.pending):
+                self._reduce(bucket)
+            while bucket.pending:
+                self._land(bucket)
+
+    def grads(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
+        """(gradient shard piece, its parameter) for every piece this rank owns."""
+        return [pair for b in self.buckets for pair in b.grad_pieces()]
+
+    def zero_grad(self) -> None:
+        """Zero the gradient buffers in place."""
+        for b in self.buckets:
+            (b.grad_full if b.grad_full is not None else b.grad_shard).zero_()
+            b.ready = 0
+
+    # ----------------------------------------------------------------------------------------------- parameters
+    def gather_params(self) -> None:
+        """After the step: the shards' new values into the parameters (all-gathered for stages 1 and 2)."""
+        handles = []
+        for b in self.buckets:
+            if b.master is not b.param_shard:
+                b.param_shard.copy_(b.master)
+            if self.stage < 3:
+                handles.append(dist.all_gather_into_tensor(b.full, b.param_shard.clone(), group=self.group,
+                                                           async_op=True))
+        for h in handles:
+            h.wait()
+
+    def _gather(self, bucket: Bucket) -> None:
+        """Stage 3: start all-gathering a bucket's parameters (no-op if gathered or in flight)."""
+        if bucket.full is not None or bucket.gathering is not None:
+            return
+        full = torch.empty(bucket.shard_size * self.world, dtype=bucket.param_shard.dtype,
+                           device=bucket.param_shard.device)
+        bucket.gathering = (dist.all_gather_into_tensor(full, bucket.param_shard, group=self.group, async_op=True),
+                            full)
+        if not self.overlap:
+            self._wait_gather(bucket)
+
+    def _wait_gather(self, bucket: Bucket) -> None:
+        if bucket.gathering is not None:
+            handle, full = bucket.gathering
+            handle.wait()
+            bucket.attach(full)
+            bucket.gathering = None
+
+    def _hook_parts(self, parts: list[nn.Module]) -> None:
+        """Stage 3: gather a part's buckets before its forward (and the next part's, ahead) and free them after;
+        gather them again when the gradient of its output arrives (and the previous part's, ahead), and keep them
+        until their own gradients are reduced. A part using a weight of another (a tied head) gathers that one."""
+        buckets = [list(dict.fromkeys(self.bucket_of[p] for p in part.parameters() if p in self.bucket_of))
+                   for part in parts]
+        for i, part in enumerate(parts):
+            after = buckets[i + 1] if i + 1 < len(parts) else []
+            before = buckets[i - 1] if i > 0 else []
+            part.register_forward_pre_hook(self._pre_forward(buckets[i], after))
+            part.register_forward_hook(self._post_forward(buckets[i], before))
+
+    def _pre_forward(self, mine: list[Bucket], ahead: list[Bucket]) -> Callable:
+        def hook(_module, _args):
+            # A pinned bucket means this forward is its backward's recomputation: the next part is done already.
+            for b in mine + ([] if any(b.pinned for b in mine) else ahead):
+                self._gather(b)
+            for b in mine:
+                self._wait_gather(b)
+                b.users += 1
+        return hook
+
+    def _post_forward(self, mine: list[Bucket], ahead: list[Bucket]) -> Callable:
+        def on_output_grad(grad):
+            for b in mine:
+                b.pinned = True
+            for b in mine + ahead:
+                self._gather(b)
+            for b in mine:
+                self._wait_gather(b)
+            return grad
+
+        def hook(_module, _args, output):
+            for b in mine:
+                b.users -= 1
+                if b.users == 0 and not b.pinned:
+                    b.release()
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(on_output_grad)
+        return hook
+
+    # ----------------------------------------------------------------------------------------------- accounting
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds in parameters, gradients and master weights (measured from the tensors)."""
+        params = grads = master = 0
+        for b in self.buckets:
+            held = [b.full] if self.stage < 3 else [b.param_shard] + ([b.full] if b.full is not None else [])
+            params += sum(t.numel() * t.element_size() for t in held)
+            g = b.grad_full if b.grad_full is not None else b.grad_shard
+            grads += g.numel() * g.element_size()
+            if b.master is not b.param_shard:
+                master += b.master.numel() * b.master.element_size()
+        return {"parameters": params, "gradients": grads, "master_weights": master}
+
+
+def model_parts(module: nn.Module) -> list[nn.Module]:
+    """A model chunk's parts in forward order: each child module, a container's children in its place."""
+    parts = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleDict, nn.ModuleList)):
+            parts.extend(child.children())
+        elif any(True for _ in child.parameters()):
+            parts.append(child)
+    return parts
+
+
+class ZeroOptimizer:
+    """AdamW (or any torch optimizer `make` builds) on the master shards of some ZeroDataParallel chunks, with the
+    weight-decay groups of `groups` (torch param-group dicts over the model's parameters)."""
+
+    def __init__(self, chunks: list[ZeroDataParallel], groups: list[dict],
+                 make: Callable[[list[dict]], torch.optim.Optimizer]):
+        self.chunks = chunks
+        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        piece_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in groups]
+        self.masters: list[tuple[ShardPiece, torch.Tensor, Bucket]] = []
+        for chunk in chunks:
+            for b in chunk.buckets:
+                for piece, view in b.master_pieces():
+                    piece_groups[group_of[id(piece.param)]]["params"].append(view)
+                    self.masters.append((piece, view, b))
+        self.optimizer = make(piece_groups)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The torch optimizer's groups (the learning rate is set on them)."""
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        """Update the master shards from the gradient shards, then the parameters from the masters."""
+        for piece, view, b in self.masters:
+            g = b.grad_shard[piece.offset : piece.offset + piece.length]
+            view.grad = g if g.dtype == view.dtype else g.to(view.dtype)
+        self.optimizer.step()
+        for _, view, _ in self.masters:
+            view.grad = None
+        for chunk in self.chunks:
+            chunk.gather_params()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (AdamW moments) this rank holds."""
+        return sum(v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor) and v.ndim > 0)
