@@ -126,7 +126,7 @@ class ZeroDataParallel:
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, stage: int, bucket_size_mb: float = 25.0,
                  compute_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
-                 overlap: bool = True, master_device: torch.device | None = None):
+                 overlap: bool = True):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage {stage}: expected 1, 2 or 3 (stage 0 is GradientAllReduce)")
         if group is None and dist.is_initialized():
