@@ -143,7 +143,8 @@ def rank_cases(rank: int, world: int, cases: list[tuple[int, bool, bool]]) -> li
     return [zero_run(rank, world, *case) for case in cases] + [bf16_state_bytes(rank, world, s) for s in (1, 2, 3)]
 
 
-CASES = [(1, True, True), (2, True, True), (3, True, True), (3, False, True), (2, False, False), (3, True, False)]
+CASES = [(1, True, True), (2, True, True), (3, True, True), (3, False, True), (1, False, False), (2, False, False),
+         (3, True, False)]
 
 
 @pytest.mark.parametrize("world", [2, 3])

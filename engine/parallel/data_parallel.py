@@ -31,13 +31,27 @@ class _Bucket:
             offset += p.numel()
 
 
-class GradientAllReduce:
+class GradientSync:
+    """The switch the schedule flips on micro-batches before the last: `sync` is False inside `no_sync()`."""
+
+    sync = True
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (micro-batches before the last)."""
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+
+class GradientAllReduce(GradientSync):
     """Averages the gradients of `module`'s parameters over `group` after backward."""
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, bucket_size_mb: float = 25.0):
         self.group = group
         self.size = dist.get_world_size(group) if group is not None else 1
-        self.sync = True
         params = [p for p in module.parameters() if p.requires_grad]
         self.buckets: list[_Bucket] = []
         limit = max(1, int(bucket_size_mb * 2**20))
@@ -72,15 +86,6 @@ class GradientAllReduce:
         # Pre-divide and sum: gloo has no AVG reduction.
         bucket.buffer.div_(self.size)
         bucket.handle = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
-
-    @contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally (micro-batches before the last)."""
-        self.sync = False
-        try:
-            yield
-        finally:
-            self.sync = True
 
     def finish_grad_sync(self) -> None:
         """Wait for every bucket's all-reduce (launching any whose parameters got no gradient)."""

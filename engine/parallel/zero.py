@@ -27,13 +27,14 @@ its own, so its shards line up on the first and last stage.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from engine.parallel.data_parallel import GradientSync
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Bucket:
 
     def __init__(self, params: list[nn.Parameter], stage: int, rank: int, world: int, compute_dtype: torch.dtype,
                  master_dtype: torch.dtype, device: torch.device):
-        self.params, self.stage, self.world = params, stage, world
+        self.params, self.world = params, world
         self.shapes = [p.shape for p in params]
         self.starts = [0]
         for p in params:
@@ -84,6 +85,7 @@ class Bucket:
         else:
             self.grad_shard = torch.zeros(self.shard_size, dtype=compute_dtype, device=device)
         self.ready = 0
+        self.reduced = False  # stage 1: its reduce-scatter was launched this step
         self.pending: list[tuple[dist.Work, torch.Tensor, torch.Tensor]] = []  # (handle, output, input)
         self.users = 0  # stage 3: forwards running on the gathered parameters
         self.pinned = False  # stage 3: gathered for a backward that has not finished
@@ -116,12 +118,13 @@ class Bucket:
         return [(self.grad_shard[pc.offset : pc.offset + pc.length], pc.param) for pc in self.pieces]
 
 
-class ZeroDataParallel:
+class ZeroDataParallel(GradientSync):
     """ZeRO stage 1, 2 or 3 over `group` for one model chunk: its buckets, hooks and collectives.
 
     The interface the schedule and trainer use is the data-parallel one (`no_sync`, `finish_grad_sync`,
     `zero_grad`), plus `grads()` (the gradient shards, for the norm and clipping) and `gather_params()` (after the
-    optimizer updated the master shards).
+    optimizer updated the master shards). Under `no_sync` stage 1 accumulates whole gradients locally; stages 2
+    and 3 keep no whole gradients, so they reduce every micro-batch regardless.
     """
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, stage: int, bucket_size_mb: float = 25.0,
@@ -135,7 +138,6 @@ class ZeroDataParallel:
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.reduce_dtype = reduce_dtype
-        self.sync = True
         device = next(module.parameters()).device
         if self.world > 1:  # every replica starts from the first one's weights
             src = dist.get_global_rank(group, 0)
@@ -183,7 +185,7 @@ class ZeroDataParallel:
 
     def _reduce(self, bucket: Bucket) -> None:
         """Reduce-scatter the bucket's gradients (pre-divided: gloo has no AVG) towards its shard."""
-        bucket.ready = 0
+        bucket.ready, bucket.reduced = 0, True
         if self.stage == 1:
             flat = bucket.grad_full
         else:  # gather this micro-batch's gradients into one flat input, then let autograd's copies go
@@ -214,20 +216,10 @@ class ZeroDataParallel:
         else:
             bucket.grad_shard.add_(out.to(bucket.grad_shard.dtype))
 
-    @contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Micro-batches before the last: stage 1 accumulates whole gradients locally; stages 2 and 3 keep no whole
-        gradients, so they reduce every micro-batch regardless."""
-        self.sync = False
-        try:
-            yield
-        finally:
-            self.sync = True
-
     def finish_grad_sync(self) -> None:
         """Wait for every bucket's reduction (launching any whose parameters got no gradient)."""
         for bucket in self.buckets:
-            if bucket.ready or (self.stage == 1 and not bucket.pending):
+            if bucket.ready or (self.stage == 1 and not bucket.reduced):
                 self._reduce(bucket)
             while bucket.pending:
                 self._land(bucket)
@@ -240,7 +232,7 @@ class ZeroDataParallel:
         """Zero the gradient buffers in place."""
         for b in self.buckets:
             (b.grad_full if b.grad_full is not None else b.grad_shard).zero_()
-            b.ready = 0
+            b.ready, b.reduced = 0, False
 
     # ----------------------------------------------------------------------------------------------- parameters
     def gather_params(self) -> None:
