@@ -19,6 +19,8 @@ OPTIM_IMPLS = ("auto", "fused", "foreach", "apex")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "sdpa")
+GRAD_REDUCE_DTYPES = ("fp32", "bf16")
+OPTIMIZER_OFFLOAD = ("none", "cpu")
 
 
 class ConfigError(ValueError):
@@ -63,7 +65,13 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved_1f1b)
     pipeline_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (used when pp > 1)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
-    bucket_size_mb: float = 25.0  # data-parallel gradient all-reduce bucket size
+    bucket_size_mb: float = 25.0  # data-parallel gradient all-reduce (ZeRO: reduce-scatter) bucket size
+    # ZeRO over the DP group (engine/parallel/zero.py): 0 replicates everything (bucketed all-reduce); 1 shards
+    # the fp32 master weights and AdamW states, 2 the gradients too, 3 the parameters too.
+    zero_stage: int = 0
+    grad_reduce_dtype: str = "fp32"  # ZeRO: the gradient reduce-scatter's precision (fp32 | bf16)
+    overlap_comm: bool = True  # ZeRO: asynchronous collectives overlapping compute; false waits on each (debugging)
+    optimizer_offload: str = "none"  # ZeRO: cpu keeps master weights and AdamW states in host memory, steps there
     # A collective or pipeline receive that waits longer than this fails the run instead of hanging it.
     timeout_s: float = 600.0
 
@@ -221,6 +229,8 @@ def validate(cfg: Config, world_size: int) -> None:
                                                                  ("auto", "nccl", "gloo")),
         ("train.device", t.device, ("auto", "cpu", "cuda")),
         ("parallel.pipeline_schedule", p.pipeline_schedule, PIPELINE_SCHEDULES),
+        ("parallel.grad_reduce_dtype", p.grad_reduce_dtype, GRAD_REDUCE_DTYPES),
+        ("parallel.optimizer_offload", p.optimizer_offload, OPTIMIZER_OFFLOAD),
         ("train.resume", t.resume, ("auto", "none")),
         ("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline")),
     ]:
@@ -284,6 +294,7 @@ def validate(cfg: Config, world_size: int) -> None:
                           f"(train.global_batch_size / (train.micro_batch_size x parallel.dp) = {micro_batches}) to be "
                           f"a multiple of parallel.pp={p.pp}: it runs them in groups of pp on each model chunk")
     check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive")
+    errors.extend(zero_errors(cfg))
     if p.sequence_parallel and p.tp > 1:
         check(t.seq_len % p.tp == 0,
               f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}: sequence parallelism splits the "
@@ -302,6 +313,30 @@ def validate(cfg: Config, world_size: int) -> None:
         check(value >= 0, f"{name}={value} must be >= 0")
     if errors:
         raise ConfigError(_format(errors))
+
+
+def zero_errors(cfg: Config) -> list[str]:
+    """What ZeRO (parallel.zero_stage and its keys) cannot run with."""
+    p, t = cfg.parallel, cfg.train
+    errors = []
+    if p.zero_stage not in (0, 1, 2, 3):
+        return [f"parallel.zero_stage={p.zero_stage} is not one of 0, 1, 2, 3"]
+    if p.bucket_size_mb <= 0:
+        errors.append(f"parallel.bucket_size_mb={p.bucket_size_mb} must be positive")
+    if p.zero_stage == 0:
+        for key, value, default in [("grad_reduce_dtype", p.grad_reduce_dtype, "fp32"),
+                                    ("optimizer_offload", p.optimizer_offload, "none")]:
+            if value != default:
+                errors.append(f"parallel.{key}={value} needs ZeRO: set parallel.zero_stage to 1, 2 or 3")
+        return errors
+    if p.zero_stage == 3 and t.compile:
+        # torch.compile traces the parameters' storage; stage 3 swaps it for every gather and release.
+        errors.append("parallel.zero_stage=3 with train.compile=true: compiled blocks cannot follow stage 3's "
+                      "gathered-and-freed parameters; use zero_stage 1 or 2, or train.compile=false")
+    if p.grad_reduce_dtype == "bf16" and t.precision == "fp16":
+        errors.append("parallel.grad_reduce_dtype=bf16 with train.precision=fp16: reduce fp16 loss-scaled "
+                      "gradients in fp32 (the default)")
+    return errors
 
 
 def micro_batches_per_step(cfg: Config) -> int:

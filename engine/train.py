@@ -82,11 +82,13 @@ def dry_run(cfg: Config) -> None:
           + (f" (padded to {padded})" if padded != m.vocab_size else ""))
     print(f"FLOPs per token (training): {flops_per_token(m, t.seq_len):.4g} at seq_len {t.seq_len}")
     micro = micro_batches_per_step(cfg)
+    zero = (f"; ZeRO stage {p.zero_stage}" + (", optimizer offloaded to the CPU" if p.optimizer_offload == "cpu"
+                                              else "")) if p.zero_stage else ""
     print(f"layout: tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} x dp {p.dp} = "
           f"{p.tp * p.pp * p.dp} ranks; global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
           f"accumulation {micro} x dp {p.dp}"
           + (f"; schedule {p.pipeline_schedule}" + (f" over {p.virtual_stages} chunks per rank"
-                                                     if p.virtual_stages > 1 else "") if p.pp > 1 else ""))
+                                                     if p.virtual_stages > 1 else "") if p.pp > 1 else "") + zero)
     for row in estimate_memory(cfg):
         layers = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in row["layers"])
         where = "every rank" if p.pp == 1 else pipeline_place(row["pp_rank"], p.pp, p.virtual_stages)
@@ -97,6 +99,10 @@ def dry_run(cfg: Config) -> None:
               "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
                           ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "total_gib"))
               + f" ({n} {held} in flight)")
+        stages = row["model_state_bytes"]
+        print("  model states (parameters, gradients, master weights, AdamW) by parallel.zero_stage: "
+              + ", ".join(f"{k} {v / 2**30:.2f} GiB" + (" <- this run" if k == p.zero_stage else "")
+                          for k, v in stages.items()))
     print("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
 
 

@@ -183,8 +183,8 @@ def test_format_1_checkpoints_still_load_and_unknown_formats_are_refused(tmp_pat
     other.resume(step)
     for a, b in zip(trainer.model.parameters(), other.model.parameters(), strict=True):
         assert torch.equal(a, b)
-    meta_file.write_text(json.dumps({**meta, "format": 3}))
-    with pytest.raises(CheckpointError, match="checkpoint format 3, this version reads 1, 2"):
+    meta_file.write_text(json.dumps({**meta, "format": 4}))
+    with pytest.raises(CheckpointError, match="checkpoint format 4, this version reads 1, 2, 3"):
         read_meta(step)
 
 

@@ -114,6 +114,15 @@ RULES = [
     ({"model__make_vocab_size_divisible_by": 0}, 1, "model.make_vocab_size_divisible_by=0 must be at least 1"),
     ({"parallel__tp": 0}, 1, "parallel.tp=0 must be at least 1"),
     ({"model__num_kv_heads": 0}, 1, "model.num_kv_heads=0 must be at least 1"),
+    ({"parallel__zero_stage": 4}, 1, "parallel.zero_stage=4 is not one of 0, 1, 2, 3"),
+    ({"parallel__optimizer_offload": "cpu"}, 1, "parallel.optimizer_offload=cpu needs ZeRO"),
+    ({"parallel__grad_reduce_dtype": "bf16"}, 1, "parallel.grad_reduce_dtype=bf16 needs ZeRO"),
+    ({"parallel__grad_reduce_dtype": "fp8", "parallel__zero_stage": 1}, 1,
+     "parallel.grad_reduce_dtype='fp8' is not one of fp32, bf16"),
+    ({"parallel__zero_stage": 3, "train__compile": True}, 1, "parallel.zero_stage=3 with train.compile=true"),
+    ({"parallel__zero_stage": 2, "parallel__grad_reduce_dtype": "bf16", "train__precision": "fp16"}, 1,
+     "reduce fp16 loss-scaled gradients in fp32"),
+    ({"parallel__bucket_size_mb": 0}, 1, "parallel.bucket_size_mb=0 must be positive"),
 ]
 
 
@@ -218,12 +227,18 @@ def test_dry_run_plans_a_tensor_parallel_layout_from_one_process():
 
 
 def test_dry_run_prints_the_plan():
-    """train.dry_run prints parameters, FLOPs/token and memory, then exits."""
+    """train.dry_run prints parameters, FLOPs/token and memory, and the model states each ZeRO stage would keep
+    (16 bytes per parameter replicated; bf16 stage 3 over 8 ranks: 16 / 8), then exits."""
     r = subprocess.run([sys.executable, "-m", "engine.train", "model=llama_1b", "train.dry_run=true",
-                        "model.vocab_size=32000", "train.seq_len=2048", "model.max_seq_len=2048"],
+                        "model.vocab_size=32000", "train.seq_len=2048", "model.max_seq_len=2048", "parallel.dp=8",
+                        "parallel.zero_stage=3", "train.precision=bf16", "train.global_batch_size=32"],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert "1,100,048,384 parameters" in r.stdout
+    assert "1,100,048,384 parameters" in r.stdout and "; ZeRO stage 3" in r.stdout
+    psi = 1_100_048_384
+    by_stage = [16 * psi, 4 * psi + 12 * psi / 8, 2 * psi + 14 * psi / 8, 16 * psi / 8]  # the ZeRO paper
+    assert ("by parallel.zero_stage: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in enumerate(by_stage))
+            + " <- this run") in r.stdout
     assert "FLOPs per token" in r.stdout and "every rank (layers 0-21)" in r.stdout and "estimated memory" in r.stdout
     flops_line = next(line for line in r.stdout.splitlines() if "FLOPs per token" in line)
     cfg = fill_defaults(composed("model=llama_1b", "model.vocab_size=32000", "train.seq_len=2048"), 1)

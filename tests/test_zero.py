@@ -15,6 +15,7 @@ from engine.config import ModelConfig, OptimConfig
 from engine.model import GPT
 from engine.parallel.grads import clip_grads_, grad_norm, param_grads
 from engine.parallel.zero import ZeroDataParallel, ZeroOptimizer
+from engine.training.memory import optimizer_state_bytes
 from engine.training.optimizer import build_optimizer, param_groups
 from tests.distributed import run_ranks
 
@@ -74,7 +75,7 @@ def zero_run(rank: int, world: int, stage: int, tie: bool, overlap: bool) -> tup
             loss_sum = zero_step(model, zero, opt, batches(step, world)[rank], world)
         dist.all_reduce(loss_sum)
         losses.append(loss_sum.item())
-    held = sum(zero.state_bytes().values()) + opt.state_bytes()
+    held = sum(zero.state_bytes().values()) + optimizer_state_bytes(opt)
     if stage == 3:  # gather every bucket to read the parameters whole
         for b in zero.buckets:
             zero._gather(b)
@@ -136,7 +137,7 @@ def bf16_state_bytes(rank: int, world: int, stage: int) -> tuple[int, int]:
     opt = ZeroOptimizer([zero], groups, lambda g: build_optimizer(g, OPTIM, torch.device("cpu")))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         zero_step(model, zero, opt, batches(0, world)[rank], world)
-    return sum(zero.state_bytes().values()) + opt.state_bytes(), psi
+    return sum(zero.state_bytes().values()) + optimizer_state_bytes(opt), psi
 
 
 def rank_cases(rank: int, world: int, cases: list[tuple[int, bool, bool]]) -> list:

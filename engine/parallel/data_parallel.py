@@ -98,6 +98,12 @@ class GradientAllReduce(GradientSync):
             bucket.handle = None
             bucket.ready = 0
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds in parameters and gradients (every replica holds them all; no master copies)."""
+        params = sum(p.numel() * p.element_size() for b in self.buckets for p in b.params)
+        grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+        return {"parameters": params, "gradients": grads, "master_weights": 0}
+
     def zero_grad(self) -> None:
         """Zero the gradient buffers in place (the `.grad` views must survive between steps)."""
         for bucket in self.buckets:

@@ -43,6 +43,7 @@ class ShardPiece:
     parameter, at [offset, offset + length) of the shard."""
 
     param: nn.Parameter
+    shape: torch.Size  # the parameter's (stage 3 leaves `param` itself empty between uses)
     start: int
     offset: int
     length: int
@@ -52,7 +53,7 @@ class Bucket:
     """A flat, padded buffer of some parameters and this DP rank's shard of it."""
 
     def __init__(self, params: list[nn.Parameter], stage: int, rank: int, world: int, compute_dtype: torch.dtype,
-                 master_dtype: torch.dtype, device: torch.device):
+                 device: torch.device, offload: bool = False):
         self.params, self.world = params, world
         self.shapes = [p.shape for p in params]
         self.starts = [0]
@@ -65,7 +66,7 @@ class Bucket:
         for p, a, b in zip(params, self.starts, self.starts[1:], strict=False):
             lo, hi = max(a, self.lo), min(b, self.lo + self.shard_size)
             if lo < hi:
-                self.pieces.append(ShardPiece(p, lo - a, lo - self.lo, hi - lo))
+                self.pieces.append(ShardPiece(p, p.shape, lo - a, lo - self.lo, hi - lo))
         source = torch.zeros(self.shard_size * world, dtype=params[0].dtype, device=device)
         with torch.no_grad():
             for p, a in zip(params, self.starts, strict=False):
@@ -75,9 +76,11 @@ class Bucket:
         self.gathering: tuple[dist.Work, torch.Tensor] | None = None  # stage 3: an all-gather in flight
         shard = full[self.lo : self.lo + self.shard_size]
         self.param_shard = shard.clone() if stage == 3 else shard  # what this rank keeps of the parameters
-        # The master weights: the parameter shard itself when the model computes in the master dtype.
-        self.master = (self.param_shard if master_dtype == compute_dtype
-                       else source[self.lo : self.lo + self.shard_size].to(master_dtype, copy=True))
+        # The fp32 master weights: the parameter shard itself when the model computes in fp32, else a copy (in host
+        # memory when offloaded, even on a CPU-only machine, so that the offload path is the one that runs).
+        self.master = (self.param_shard if compute_dtype == torch.float32 and not offload else
+                       source[self.lo : self.lo + self.shard_size].to("cpu" if offload else device, torch.float32,
+                                                                      copy=True))
         self.grad_full = None  # stage 1: every parameter's .grad is a view into it
         if stage == 1:
             self.grad_full = torch.zeros_like(full)
@@ -129,7 +132,7 @@ class ZeroDataParallel(GradientSync):
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, stage: int, bucket_size_mb: float = 25.0,
                  compute_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
-                 overlap: bool = True):
+                 overlap: bool = True, offload: bool = False):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage {stage}: expected 1, 2 or 3 (stage 0 is GradientAllReduce)")
         if group is None and dist.is_initialized():
@@ -150,7 +153,7 @@ class ZeroDataParallel(GradientSync):
             unit[:] = [p for p in unit if id(p) not in seen]
             seen.update(id(p) for p in unit)
         self.buckets: list[Bucket] = []
-        make = lambda ps: Bucket(ps, stage, self.rank, self.world, compute_dtype, torch.float32, device)  # noqa: E731
+        make = lambda ps: Bucket(ps, stage, self.rank, self.world, compute_dtype, device, offload)  # noqa: E731
         if stage == 3:
             self.buckets = [make(u) for u in units if u]
         else:
@@ -203,6 +206,9 @@ class ZeroDataParallel(GradientSync):
         out = torch.empty(bucket.shard_size, dtype=self.reduce_dtype, device=flat.device)
         while bucket.pending:  # the previous micro-batch's reduction of this bucket lands first
             self._land(bucket)
+        if self.world == 1:  # one rank: the shard is the whole bucket
+            out.copy_(flat)
+            return self._land_value(bucket, out)
         handle = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
         bucket.pending.append((handle, out, flat))
         if not self.overlap:
@@ -211,6 +217,9 @@ class ZeroDataParallel(GradientSync):
     def _land(self, bucket: Bucket) -> None:
         handle, out, _ = bucket.pending.pop(0)
         handle.wait()
+        self._land_value(bucket, out)
+
+    def _land_value(self, bucket: Bucket, out: torch.Tensor) -> None:
         if self.stage == 1:
             bucket.grad_shard.copy_(out)
         else:
@@ -241,7 +250,7 @@ class ZeroDataParallel(GradientSync):
         for b in self.buckets:
             if b.master is not b.param_shard:
                 b.param_shard.copy_(b.master)
-            if self.stage < 3:
+            if self.stage < 3 and self.world > 1:
                 handles.append(dist.all_gather_into_tensor(b.full, b.param_shard.clone(), group=self.group,
                                                            async_op=True))
         for h in handles:
@@ -250,6 +259,9 @@ class ZeroDataParallel(GradientSync):
     def _gather(self, bucket: Bucket) -> None:
         """Stage 3: start all-gathering a bucket's parameters (no-op if gathered or in flight)."""
         if bucket.full is not None or bucket.gathering is not None:
+            return
+        if self.world == 1:  # the shard is the whole bucket
+            bucket.attach(bucket.param_shard)
             return
         full = torch.empty(bucket.shard_size * self.world, dtype=bucket.param_shard.dtype,
                            device=bucket.param_shard.device)
@@ -311,7 +323,8 @@ class ZeroDataParallel(GradientSync):
         """Bytes this rank holds in parameters, gradients and master weights (measured from the tensors)."""
         params = grads = master = 0
         for b in self.buckets:
-            held = [b.full] if self.stage < 3 else [b.param_shard] + ([b.full] if b.full is not None else [])
+            gathered = b.full is not None and b.full is not b.param_shard
+            held = [b.full] if self.stage < 3 else [b.param_shard] + ([b.full] if gathered else [])
             params += sum(t.numel() * t.element_size() for t in held)
             g = b.grad_full if b.grad_full is not None else b.grad_shard
             grads += g.numel() * g.element_size()
@@ -340,31 +353,41 @@ class ZeroOptimizer:
         self.chunks = chunks
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         piece_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in groups]
-        self.masters: list[tuple[ShardPiece, torch.Tensor, Bucket]] = []
+        self.masters: list[tuple[ShardPiece, torch.Tensor, Bucket]] = []  # (piece, its master view, bucket)
         for chunk in chunks:
             for b in chunk.buckets:
                 for piece, view in b.master_pieces():
                     piece_groups[group_of[id(piece.param)]]["params"].append(view)
                     self.masters.append((piece, view, b))
         self.optimizer = make(piece_groups)
+        self.name = type(self.optimizer).__name__  # what steps the shards (the log says; offload picks one)
+        self._piece_of = {id(view): piece for piece, view, _ in self.masters}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load the torch optimizer's state (engine.training.checkpoint builds it piece by piece)."""
+        self.optimizer.load_state_dict(state_dict)
+
+    def piece(self, view: torch.Tensor) -> ShardPiece:
+        """The shard piece a master view (one of the optimizer's tensors) holds."""
+        return self._piece_of[id(view)]
 
     @property
     def param_groups(self) -> list[dict]:
         """The torch optimizer's groups (the learning rate is set on them)."""
         return self.optimizer.param_groups
 
+    @property
+    def state(self) -> dict:
+        """The torch optimizer's per-tensor state (AdamW moments of the master pieces)."""
+        return self.optimizer.state
+
     def step(self) -> None:
         """Update the master shards from the gradient shards, then the parameters from the masters."""
         for piece, view, b in self.masters:
             g = b.grad_shard[piece.offset : piece.offset + piece.length]
-            view.grad = g if g.dtype == view.dtype else g.to(view.dtype)
+            view.grad = g.to(view.device, view.dtype)  # a no-op unless 16-bit or offloaded
         self.optimizer.step()
         for _, view, _ in self.masters:
             view.grad = None
         for chunk in self.chunks:
             chunk.gather_params()
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state (AdamW moments) this rank holds."""
-        return sum(v.numel() * v.element_size() for s in self.optimizer.state.values() for v in s.values()
-                   if isinstance(v, torch.Tensor) and v.ndim > 0)

@@ -11,12 +11,16 @@ Layout under `run_dir/checkpoints/`:
         optimizer-pp00-tp00.safetensors     AdamW moments and step counts of the same parameters, by name
         rng-rank00000.safetensors           each rank's torch generator states (CPU and CUDA)
 
+    under ZeRO (parallel.zero_stage >= 1), instead of the model and optimizer files, every data-parallel rank's own:
+        model-pp00-tp00-dp00.safetensors    its shard's fp32 master weights, as flat pieces of the parameters
+        optimizer-pp00-tp00-dp00.safetensors  the AdamW moments of the same elements
+
 A step is written into `.tmp-step_...` by every rank, then renamed when whole; `latest` changes last, so a crash
 mid-save leaves the previous checkpoint and `latest` as they were. Tensors go through safetensors and everything
 else through JSON: loading never unpickles anything. Data-parallel replicas hold the same model and optimizer,
-so only data-parallel rank 0 writes those. A run may resume in another layout: the weights and optimizer moments are
-read into this run's tensor-parallel split (`engine.training.reshard`), and the sample stream does not depend on
-the data-parallel size.
+so only data-parallel rank 0 writes those; under ZeRO each rank writes its shard and nothing is gathered. A run may
+resume in another layout (TP, PP, DP size, ZeRO stage): the weights and optimizer moments are read into this run's
+split (`engine.training.reshard`), and the sample stream does not depend on the data-parallel size.
 """
 
 from __future__ import annotations
@@ -37,21 +41,26 @@ from safetensors.torch import load_file, save_file
 from engine.parallel.layers import is_tied_copy
 from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.state import ParallelState
+from engine.parallel.zero import ZeroOptimizer
 from engine.training.reshard import (
+    ZERO_METADATA,
     CheckpointError,
     CheckpointTensors,
     TensorSource,
     checkpoint_name,
     copy_parameters,
     local_part,
+    matching_parameters,
     read_whole,
     tp_layout,
 )
 
 # 2: pipeline stages' files (names global, a tied embedding's copy not saved), no optimizer_groups in meta.json.
-# 1 (before pipelines) reads the same way.
+# 1 (before pipelines) reads the same way. 3: ZeRO's per-DP-rank files (only ZeRO runs write it, so that a
+# replicated run's checkpoints stay readable by versions that know 2).
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+ZERO_FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -126,20 +135,41 @@ def _saved_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if not is_tied_copy(p)}
 
 
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's state of the parameters this rank saves, as `{param_name.key: tensor}`.
+Span = tuple[int, int] | None  # (flat start, length) of a parameter a tensor holds; None: all of it
+
+
+def _optimizer_targets(optimizer) -> list[list[tuple[torch.Tensor, torch.nn.Parameter, torch.Size, Span]]]:
+    """Per parameter group, each optimizer tensor with the model parameter it stands for, that parameter's shape
+    and the part of it the tensor holds (a ZeRO master piece holds a flat span; a parameter, all of itself)."""
+    if isinstance(optimizer, ZeroOptimizer):
+        pieces = [[(t, optimizer.piece(t)) for t in g["params"]] for g in optimizer.param_groups]
+        return [[(t, pc.param, pc.shape, (pc.start, pc.length)) for t, pc in group] for group in pieces]
+    return [[(p, p, p.shape, None) for p in g["params"]] for g in optimizer.param_groups]
+
+
+def _saved_tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict, dict]:
+    """What this rank writes: parameters by name, optimizer state as `{name.field: tensor}`, and for ZeRO's pieces
+    each one's [flat start, whole shape] in its parameter (`engine.training.reshard.DataParallelShards`).
 
     Hyper-parameters are not saved: the run's config sets them (engine.training.trainer.Trainer.resume).
     """
     names = _param_names(model)
-    saved = {id(p) for p in _saved_parameters(model).values()}
-    tensors = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if id(p) in saved:
-                    tensors[f"{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
-    return tensors
+    zero = isinstance(optimizer, ZeroOptimizer)
+    # Clones: ZeRO's tensors are views of flat buffers, which safetensors refuses to write as separate tensors.
+    weights = {} if zero else {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model).items()}
+    states, pieces = {}, {}
+    for group in _optimizer_targets(optimizer):
+        for t, p, shape, span in group:
+            if is_tied_copy(p):
+                continue
+            name = names[id(p)]
+            where = [span[0] if span else 0, list(shape)]
+            if zero:
+                weights[name], pieces[name] = t.detach().cpu().clone(), where
+            for key, value in optimizer.state.get(t, {}).items():
+                states[f"{name}.{key}"] = value.detach().cpu().clone()
+                pieces[f"{name}.{key}"] = where if value.ndim else [0, []]
+    return weights, states, pieces
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -180,12 +210,17 @@ def save_checkpoint(
         stages: list[dict] = [{} for _ in range(state.pp)]
         dist.all_gather_object(stages, layout, group=state.pp_group)
         layout = {name: how for stage in stages for name, how in stage.items()}
-    if state.dp_rank == 0:
-        save_file({name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model).items()},
-                  tmp / f"model-{tag}.safetensors")
-        save_file(_optimizer_tensors(model, optimizer), tmp / f"optimizer-{tag}.safetensors")
-        if state.rank == 0:
-            meta = {**meta, "tp_layout": layout}
+    zero = isinstance(optimizer, ZeroOptimizer)
+    if zero or state.dp_rank == 0:
+        weights, states, pieces = _saved_tensors(model, optimizer)
+        if zero:  # each DP rank its own shard; the metadata says where each piece goes
+            tag = f"{tag}-dp{state.dp_rank:02d}"
+        for kind, tensors in (("model", weights), ("optimizer", states)):
+            where = {key: pieces[key] for key in tensors} if zero else None
+            save_file(tensors, tmp / f"{kind}-{tag}.safetensors",
+                      metadata={ZERO_METADATA: json.dumps(where)} if zero else None)
+    if state.rank == 0:
+        meta = {**meta, "tp_layout": layout, "zero_stage": optimizer.chunks[0].stage if zero else 0}
     save_file(_rng_tensors(), tmp / f"rng-rank{state.rank:05d}.safetensors")
     if state.rank == 0 and tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
@@ -211,8 +246,8 @@ def _publish(root: Path, tmp: Path, final: Path, state: ParallelState, step: int
              keep_every: int) -> None:
     """Rank 0: write meta.json, make everything durable, rename the directory, then move `latest`."""
     files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-    full = {"format": FORMAT_VERSION, "step": step, "world_size": state.world_size,
-            "tp": state.tp, "pp": state.pp, "dp": state.dp, "files": files, **meta}
+    full = {"format": ZERO_FORMAT_VERSION if meta.get("zero_stage") else FORMAT_VERSION, "step": step,
+            "world_size": state.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp, "files": files, **meta}
     (tmp / "meta.json").write_text(json.dumps(full, indent=1, sort_keys=True))
     for f in tmp.iterdir():  # on disk before any name points at them, so a power cut cannot leave empty files
         _fsync(f)
@@ -302,16 +337,42 @@ def is_hf_model_dir(path: str | os.PathLike) -> bool:
     return (p / "config.json").exists() and not (p / "meta.json").exists()
 
 
-def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, expected: set[str] | None = None) -> dict:
-    """Restore model, optimizer and this rank's RNG from step directory `path`, saved in any TP/PP/DP layout.
+def load_weights(source: TensorSource, model: torch.nn.Module, optimizer, group: dist.ProcessGroup | None = None,
+                 expected: set[str] | None = None) -> None:
+    """`source`'s weights into this run (split over TP `group`; `expected` as for `copy_parameters`): into the
+    parameters, or under ZeRO into the fp32 master shards, from which the parameters are then gathered."""
+    if not isinstance(optimizer, ZeroOptimizer):
+        copy_parameters(model, source, group, expected)
+        return
+    names = {id(p): name for name, p in matching_parameters(model, source, expected).items()}
+    with torch.no_grad():
+        for targets in _optimizer_targets(optimizer):
+            for t, p, shape, span in targets:
+                t.copy_(_read_part(source, names[id(p)], p, shape, span, tp_rank(group), tp_size(group)))
+    for chunk in optimizer.chunks:
+        chunk.gather_params()
+
+
+def _read_part(source: TensorSource, key: str, p: torch.nn.Parameter, shape: torch.Size, span: Span, rank: int,
+               world: int) -> torch.Tensor:
+    """This TP rank's part of `key` for parameter `p` (of `shape`), or its flat `span` of that part."""
+    if not source.shape(key):  # a scalar (a step count)
+        return source.read(key)
+    part = local_part(source, key, p, rank, world, shape)
+    return part if span is None else part.reshape(-1)[span[0] : span[0] + span[1]]
+
+
+def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module, optimizer,
+                    expected: set[str] | None = None) -> dict:
+    """Restore model, optimizer and this rank's RNG from step directory `path`, saved in any TP/PP/DP layout and
+    ZeRO stage.
 
     Weights and optimizer moments are resharded to this run's layout (`engine.training.reshard`); `expected` is
     the whole model's parameter names when `model` is some of its pipeline stages. The random states come back
     only in the saving layout: rank r of another layout is not rank r of this one.
     """
     meta = read_meta(path)
-    copy_parameters(model, CheckpointTensors(path, "model", meta), state.tp_group, expected)
+    load_weights(CheckpointTensors(path, "model", meta), model, optimizer, state.tp_group, expected)
     _load_optimizer(CheckpointTensors(path, "optimizer", meta), model, optimizer, state.tp_group, expected)
     if (meta["tp"], meta["pp"], meta["dp"]) == (state.tp, state.pp, state.dp):
         rng_state = _load_tensors(path / f"rng-rank{state.rank:05d}.safetensors")
@@ -330,29 +391,30 @@ def layout_name(tp: int, pp: int, dp: int) -> str:
     return f"tp {tp} x pp {pp} x dp {dp}"
 
 
-def _load_optimizer(source: TensorSource, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    group: dist.ProcessGroup | None, expected: set[str] | None) -> None:
-    """AdamW moments by parameter name into this run's parameter groups (which the config decides)."""
+def _load_optimizer(source: TensorSource, model: torch.nn.Module, optimizer, group: dist.ProcessGroup | None,
+                    expected: set[str] | None) -> None:
+    """AdamW moments by parameter name into this run's parameter groups (which the config decides), whole or as
+    ZeRO shard pieces."""
     names = _param_names(model)
-    params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
-    rank, world = tp_rank(group), tp_size(group)
-    by_param: dict[str, dict[str, torch.Tensor]] = {}  # "param.name.exp_avg" -> by_param["param.name"]["exp_avg"]
+    known = set(names.values())
+    fields: dict[str, list[str]] = {}  # "param.name.exp_avg" -> fields["param.name"] = [..., "exp_avg"]
     for key in source.names():
         name, field = key.rsplit(".", 1)
-        if name not in params:
+        if name not in known:
             if expected is not None and name in expected:
                 continue  # a parameter of a stage held by another rank
             raise CheckpointError(f"{source.where}: optimizer state for {name}, which this model does not have")
-        scalar = not source.shape(key)  # a step count; the moments are laid out like their parameter
-        by_param.setdefault(name, {})[field] = (source.read(key) if scalar
-                                                else local_part(source, key, params[name], rank, world))
+        fields.setdefault(name, []).append(field)
+    rank, world = tp_rank(group), tp_size(group)
     state_dict = {"state": {}, "param_groups": []}
     index = 0
-    for g in optimizer.param_groups:
+    for g, targets in zip(optimizer.param_groups, _optimizer_targets(optimizer), strict=True):
         ids = []
-        for p in g["params"]:
-            if names[id(p)] in by_param:
-                state_dict["state"][index] = by_param[names[id(p)]]
+        for _, p, shape, span in targets:
+            name = names[id(p)]
+            if name in fields:
+                state_dict["state"][index] = {f: _read_part(source, f"{name}.{f}", p, shape, span, rank, world)
+                                              for f in fields[name]}
             ids.append(index)
             index += 1
         state_dict["param_groups"].append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})

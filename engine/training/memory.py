@@ -1,8 +1,16 @@
 """A per-rank memory estimate for `train.dry_run` and run_info.json: model states plus the activations each
 pipeline stage holds, before anything is allocated.
 
-Model states (mixed precision keeps fp32 master parameters): 4 bytes of parameters + 4 of gradients + 8 of Adam
-moments per parameter this rank holds (replicated, padded and tied-copy ones included; engine.model.flops). Per
+Model states, for the Psi parameters this rank holds (replicated, padded and tied-copy ones included;
+engine.model.flops), N data-parallel ranks and c bytes per compute value (2 at bf16/fp16 under ZeRO, else 4):
+
+    stage 0   4 Psi parameters + 4 Psi gradients + 8 Psi AdamW moments (fp32; autocast computes in 16 bits)
+    stage 1   c Psi parameters + c Psi gradients + (m + 8) Psi / N master weights and moments
+    stage 2   c Psi parameters + c Psi / N gradients + (m + 8) Psi / N
+    stage 3   (c Psi + c Psi + (m + 8) Psi) / N
+
+with m = 4 bytes of fp32 master weights when they are a copy (16-bit compute, or offloaded to the host), else 0.
+These are the ZeRO paper's (2 + 2 + 12) Psi at bf16, up to each bucket's padding to a multiple of N. Per
 micro-batch, each layer keeps activations for backward following Korthikanti et al. (2022) for a memory-efficient
 attention kernel (no s^2 scores kept): about 34·s·b·h bytes at 16-bit, twice that in fp32; `full` recomputation
 keeps only each layer's input (2·s·b·h at 16-bit), plus one layer's full activations while it is recomputed;
@@ -19,6 +27,8 @@ schedule's own action list (engine.training.schedule), so estimate and executor 
 """
 
 from __future__ import annotations
+
+import torch
 
 from engine.config import Config, micro_batches_per_step
 from engine.model.flops import parameters_per_rank
@@ -57,10 +67,44 @@ def estimate_memory(cfg: Config) -> list[dict]:
             if now > most:
                 most, in_flight = now, len(held)
         transient = stored if m.recompute == "full" else 0.0  # one layer rebuilt at a time
+        states = {stage: predict_model_state_bytes(params, stage, p.dp or 1, t.precision, p.optimizer_offload)
+                  for stage in range(4)}
+        mine_now = states[p.zero_stage]
         row = {"pp_rank": r, "stages": mine, "layers": [[layers[s].start, layers[s].stop] for s in mine],
                "parameters": params, "activations_in_flight": in_flight,
-               "parameters_gib": 4 * params / GIB, "gradients_gib": 4 * params / GIB,
-               "optimizer_gib": 8 * params / GIB, "activations_gib": (most + transient) / GIB}
+               "parameters_gib": mine_now["parameters"] / GIB, "gradients_gib": mine_now["gradients"] / GIB,
+               "optimizer_gib": (mine_now["master_weights"] + mine_now["optimizer_states"]) / GIB,
+               "activations_gib": (most + transient) / GIB,
+               "model_state_bytes": {stage: sum(v.values()) for stage, v in states.items()}}
         row["total_gib"] = row["parameters_gib"] + row["gradients_gib"] + row["optimizer_gib"] + row["activations_gib"]
         out.append(row)
+    return out
+
+
+def predict_model_state_bytes(params: int, stage: int, dp: int, precision: str, offload: str = "none") -> dict:
+    """Bytes of parameters, gradients, master weights and optimizer states one rank holding `params` parameters
+    keeps under ZeRO `stage` over `dp` ranks (the table above; shards rounded up, bucket padding not counted)."""
+    if stage == 0:
+        return {"parameters": 4 * params, "gradients": 4 * params, "master_weights": 0, "optimizer_states": 8 * params}
+    c = 2 if precision in ("bf16", "fp16") else 4
+    shard = -(-params // dp)
+    master = 4 * shard if c == 2 or offload == "cpu" else 0
+    return {"parameters": c * (shard if stage == 3 else params), "gradients": c * (shard if stage >= 2 else params),
+            "master_weights": master, "optimizer_states": 8 * shard}
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of per-tensor optimizer state (AdamW's moments; scalar step counts left out) held."""
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.ndim > 0)
+
+
+def model_state_bytes(grad_syncs: list, optimizer) -> dict[str, int]:
+    """Bytes this rank holds in parameters, gradients, master weights and optimizer states, measured from the
+    tensors (`grad_syncs`: each model chunk's GradientAllReduce or ZeroDataParallel)."""
+    out = {"parameters": 0, "gradients": 0, "master_weights": 0}
+    for sync in grad_syncs:
+        for key, value in sync.state_bytes().items():
+            out[key] += value
+    out["optimizer_states"] = optimizer_state_bytes(optimizer)
     return out

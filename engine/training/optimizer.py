@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,7 +27,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": wd} for params, wd in zip((decay, no_decay), group_weight_decays(cfg),
+                                                                          strict=True)]
+
+
+def group_weight_decays(cfg: OptimConfig) -> tuple[float, float]:
+    """The weight decay of `param_groups`' two groups."""
+    return cfg.weight_decay, 0.0
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -43,6 +51,24 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
     if impl == "fused" and device.type != "cuda":
         raise RuntimeError("optim.impl=fused needs CUDA parameters; use optim.impl=auto or foreach on CPU")
     return torch.optim.AdamW(groups, fused=impl == "fused", foreach=impl == "foreach", **kwargs)
+
+
+def build_offload_optimizer(cfg: OptimConfig) -> tuple[Callable[[list[dict]], torch.optim.Optimizer], str]:
+    """A factory of AdamW over host-memory parameter groups, and its name: DeepSpeed's DeepSpeedCPUAdam (SIMD, built
+    on first use) when DeepSpeed is installed and its op builds, else torch's AdamW on the CPU."""
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:
+        DeepSpeedCPUAdam = None  # noqa: N806
+    if DeepSpeedCPUAdam is not None:
+        try:  # the constructor compiles the op once (~1.5 min), cached under TORCH_EXTENSIONS_DIR
+            DeepSpeedCPUAdam([torch.zeros(1, requires_grad=True)], adamw_mode=True)
+            return (lambda groups: DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)), "DeepSpeedCPUAdam"
+        except Exception as e:  # noqa: BLE001 - a missing compiler or headers: torch AdamW can still run
+            print(f"warning: DeepSpeedCPUAdam could not be built ({type(e).__name__}: {e}); using torch AdamW",
+                  file=sys.stderr)
+    return (lambda groups: torch.optim.AdamW(groups, foreach=True, **kwargs)), "torch AdamW (CPU)"
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

@@ -9,10 +9,17 @@ of that tensor: the slice of its split dimension for its TP rank, with zero rows
 padding falls (`local_part`), wherever its stage is now. Only the overlapping slices of the overlapping files are
 read (safetensors slices are memory-mapped reads), so a rank's host memory holds its own part whatever layout wrote
 the checkpoint and whatever layout reads it: TP 2 x PP 2 resumes as TP 4 or PP 4, TP 8 is exported as one model,
-and a single-device checkpoint starts a 3D run."""
+and a single-device checkpoint starts a 3D run.
+
+Under ZeRO each data-parallel rank writes its own files (`model-ppXX-tpYY-dpZZ`), holding the flat pieces of its
+shard: fp32 master weights, and the AdamW moments of the same elements. `DataParallelShards` joins a (stage, TP
+rank)'s DP files back into what that TP rank's single file would have held, so everything above - and so resuming
+with another DP size or ZeRO stage, `init_from`, generation and export - reads them the same way. A tensor is then
+assembled whole (one TP rank's part of it) before it is sliced."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -66,6 +73,74 @@ class FullTensors:
         return t.narrow(dim, start, min(t.shape[dim] if stop is None else stop, t.shape[dim]) - start)
 
 
+ZERO_METADATA = "weft_zero_pieces"  # safetensors metadata key: {tensor name: [flat start, whole shape]}
+
+
+class _Assembled:
+    """One tensor of a TP rank, joined from its data-parallel pieces (safe_open's slice interface)."""
+
+    def __init__(self, shards: DataParallelShards, key: str):
+        self.shards, self.key = shards, key
+
+    def get_shape(self) -> list[int]:
+        """The joined tensor's shape (from the metadata; nothing read)."""
+        return list(self.shards.pieces[self.key][0][2])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        shape = self.get_shape()
+        pieces = self.shards.pieces[self.key]
+        if not shape:  # a scalar (a step count): the same in every file that holds it
+            return pieces[0][0].get_tensor(self.key)
+        numel, parts, covered = torch.Size(shape).numel(), [], 0
+        for f, start, _ in sorted(pieces, key=lambda piece: piece[1]):
+            if start != covered:
+                break
+            parts.append(f.get_tensor(self.key))
+            covered += parts[-1].numel()
+        if covered != numel:
+            raise CheckpointError(f"{self.shards.where}: the data-parallel pieces of {self.key} cover {covered} of "
+                                  f"its {numel} elements; a dp file is missing or damaged")
+        return torch.cat(parts).view(shape)[index]
+
+
+class DataParallelShards:
+    """One (stage, TP rank)'s ZeRO files, one per DP rank, seen as the single file a replicated run writes."""
+
+    def __init__(self, paths: list[Path]):
+        self.where = str(paths[0].parent)
+        self.pieces: dict[str, list[tuple]] = {}  # name -> [(open file, flat start, whole shape)]
+        for path in paths:
+            try:
+                f = safe_open(path, framework="pt")
+                layout = json.loads((f.metadata() or {})[ZERO_METADATA])
+            except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: cannot be read as a ZeRO shard file ({e})") from None
+            for key, (start, shape) in layout.items():
+                self.pieces.setdefault(key, []).append((f, start, shape))
+
+    def keys(self) -> list[str]:
+        """Every tensor's name."""
+        return list(self.pieces)
+
+    def get_slice(self, key: str) -> _Assembled:
+        """`key`, joined lazily."""
+        if key not in self.pieces:
+            raise KeyError(key)
+        return _Assembled(self, key)
+
+
+def open_tensor_file(step_dir: Path, kind: str, stage: int, tp: int, meta: dict):
+    """A (stage, TP rank)'s `kind` file, or its ZeRO data-parallel files joined (`DataParallelShards`)."""
+    name = f"{kind}-pp{stage:02d}-tp{tp:02d}"
+    if meta.get("zero_stage", 0):
+        return DataParallelShards([step_dir / f"{name}-dp{d:02d}.safetensors" for d in range(meta["dp"])])
+    path = step_dir / f"{name}.safetensors"
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+
+
 class CheckpointTensors:
     """The `kind` files (`model` or `optimizer`) of one checkpoint step, whatever TP x PP layout wrote them, as whole
     tensors.
@@ -78,16 +153,9 @@ class CheckpointTensors:
 
     def __init__(self, step_dir: Path, kind: str, meta: dict):
         self.where = str(step_dir)
-        self.files: list[list] = []  # [pipeline stage][tensor-parallel rank]
-        for s in range(meta.get("pp", 1)):
-            stage = []
-            for t in range(meta.get("tp", 1)):
-                path = step_dir / f"{kind}-pp{s:02d}-tp{t:02d}.safetensors"
-                try:
-                    stage.append(safe_open(path, framework="pt"))
-                except (SafetensorError, OSError) as e:
-                    raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
-            self.files.append(stage)
+        # [pipeline stage][tensor-parallel rank]
+        self.files = [[open_tensor_file(step_dir, kind, s, t, meta) for t in range(meta.get("tp", 1))]
+                      for s in range(meta.get("pp", 1))]
         # safe_open handles list their names with keys() (they are not mappings)
         self.stage_of = {key: s for s, stage in enumerate(self.files) for key in stage[0].keys()}  # noqa: SIM118
         self.layout = meta.get("tp_layout", {})  # absent: written before tensor parallelism, unsplit and unpadded
@@ -156,11 +224,13 @@ def tp_layout(model: torch.nn.Module) -> dict[str, dict]:
             if (hasattr(p, "tp_dim") or getattr(p, "tp_vocab", False)) and not is_tied_copy(p)}
 
 
-def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int, world: int) -> torch.Tensor:
+def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int, world: int,
+               shape: torch.Size | None = None) -> torch.Tensor:
     """TP rank `rank` of `world`'s part of whole tensor `key` for parameter `p` (or a state of p's shape), padded
-    like `p`."""
+    like `p`; `shape` is p's when p itself is empty (ZeRO stage 3)."""
     dim, rows = getattr(p, "tp_dim", None), getattr(p, "tp_vocab", None)
-    whole = list(p.shape)
+    shape = p.shape if shape is None else shape
+    whole = list(shape)
     if dim is not None:
         whole[dim] *= world
     if rows is not None:
@@ -175,10 +245,10 @@ def local_part(source: TensorSource, key: str, p: torch.nn.Parameter, rank: int,
     if dim is None:
         part = source.read(key)
     else:
-        n = p.shape[dim]
+        n = shape[dim]
         part = source.read(key, dim, rank * n, (rank + 1) * n)
-    if part.shape[0] < p.shape[0]:  # this rank's share of the vocabulary padding: zero rows
-        part = torch.cat([part, part.new_zeros(p.shape[0] - part.shape[0], *part.shape[1:])])
+    if part.shape[0] < shape[0]:  # this rank's share of the vocabulary padding: zero rows
+        part = torch.cat([part, part.new_zeros(shape[0] - part.shape[0], *part.shape[1:])])
     return part
 
 
@@ -194,6 +264,16 @@ def copy_parameters(model: torch.nn.Module, source: TensorSource, group: dist.Pr
     `model` may be some pipeline stages of the model: `expected`, the whole model's parameter names, then says
     which of `source`'s names belong to stages held elsewhere (default: the model's own names, all of them).
     """
+    params = matching_parameters(model, source, expected)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(local_part(source, name, p, tp_rank(group), tp_size(group)))
+
+
+def matching_parameters(model: torch.nn.Module, source: TensorSource,
+                        expected: set[str] | None = None) -> dict[str, torch.nn.Parameter]:
+    """`model`'s parameters by saved name, once `source` is checked to hold each of them and nothing else than
+    `expected` (default: the model's own names)."""
     params = {checkpoint_name(n, p): p for n, p in model.named_parameters()}
     keys = set(source.names())
     missing, unexpected = sorted(set(params) - keys), sorted(keys - (expected or set(params)))
@@ -201,9 +281,7 @@ def copy_parameters(model: torch.nn.Module, source: TensorSource, group: dist.Pr
         raise CheckpointError(f"{source.where}: parameters do not match the model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}); is the model configuration the one the weights were "
                               "saved with?")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(local_part(source, name, p, tp_rank(group), tp_size(group)))
+    return params
 
 
 def read_whole(source: TensorSource) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from engine.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.model.gpt import GPTChunks, parameter_names
-from engine.parallel.data_parallel import GradientAllReduce
+from engine.parallel.data_parallel import GradientAllReduce, GradientSync
 from engine.parallel.grads import (
     allreduce_partial_grads,
     allreduce_tied_embedding_grads,
@@ -36,12 +36,10 @@ from engine.parallel.layers import padded_vocab_size
 from engine.parallel.pipeline import PipelineExchange, exchange_shape, rank_stages, stage_layers
 from engine.parallel.random import mix_seed
 from engine.parallel.state import ParallelState
-from engine.training.checkpoint import (
-    load_checkpoint,
-    save_checkpoint,
-)
+from engine.parallel.zero import ZeroDataParallel, ZeroOptimizer
+from engine.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from engine.training.loss_scaler import DynamicLossScaler
-from engine.training.memory import estimate_memory
+from engine.training.memory import estimate_memory, model_state_bytes
 from engine.training.metrics import (
     MetricsLogger,
     Throughput,
@@ -51,9 +49,16 @@ from engine.training.metrics import (
     peak_tflops,
     perplexity,
 )
-from engine.training.optimizer import build_optimizer, lr_at, param_groups, set_lr
+from engine.training.optimizer import (
+    build_offload_optimizer,
+    build_optimizer,
+    group_weight_decays,
+    lr_at,
+    param_groups,
+    set_lr,
+)
 from engine.training.preemption import EXIT_STOPPED, StopSignals
-from engine.training.reshard import TensorSource, copy_parameters
+from engine.training.reshard import TensorSource
 from engine.training.schedule import StepStats, forward_backward, forward_only, schedule_steps
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,14 +111,23 @@ class Trainer:
             for chunk in self.model:
                 for block in chunk.blocks.values():
                     block.compile()  # in place: parameter names, and so checkpoints, stay the plain model's
-        self.grad_syncs = [GradientAllReduce(chunk, state.dp_group, p.bucket_size_mb) for chunk in self.model]
-        self.optimizer = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, self.device)
+        # Decided now: ZeRO stage 3 leaves the parameters empty between uses.
+        self.param_groups = param_groups(self.model, cfg.optim)
+        self.zero = p.zero_stage > 0
+        self.compute_dtype = AUTOCAST_DTYPES.get(t.precision, torch.float32) if self.zero else torch.float32
+        self.grad_syncs: list[GradientSync]
+        if self.zero:
+            self.grad_syncs, self.optimizer = build_zero(self.model, self.param_groups, cfg, state,
+                                                         self.compute_dtype)
+        else:
+            self.grad_syncs = [GradientAllReduce(chunk, state.dp_group, p.bucket_size_mb) for chunk in self.model]
+            self.optimizer = build_optimizer(self.param_groups, cfg.optim, self.device)
         self.autocast = autocast_factory(t.precision, self.device)
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
         self.exchange = None
         if state.pp > 1:
             shape = exchange_shape(t.micro_batch_size, t.seq_len, m.hidden_size, state.tp, p.sequence_parallel)
-            self.exchange = PipelineExchange(state, shape, next(self.model.parameters()).dtype)
+            self.exchange = PipelineExchange(state, shape, self.compute_dtype)
         self.last_step_stats = StepStats()  # of the last schedule run (activations held, timeline)
         self.record_timeline = False  # tools/bench_pipeline.py: time every forward and backward
         self.flops_per_token = flops_per_token(m, t.seq_len)
@@ -183,21 +197,27 @@ class Trainer:
         loss_sum = self._run_schedule(batches, True, self.dropout_keys(indices))
         for sync in self.grad_syncs:
             sync.finish_grad_sync()
-        grads = param_grads(self.model.parameters())
+        grads = self.grads()
         allreduce_partial_grads(grads, self.state.tp_group)
         allreduce_tied_embedding_grads(grads, self.state.embedding_group)
         if self.scaler is not None:
             self.scaler.unscale_([g for g, _ in grads])
         return dp_mean(loss_sum / len(batches), self.state)
 
+    def grads(self) -> list[tuple[torch.Tensor, torch.nn.Parameter]]:
+        """(gradient, parameter) pairs: whole gradients, or under ZeRO this rank's shards of them."""
+        if self.zero:
+            return [pair for sync in self.grad_syncs for pair in sync.grads()]
+        return param_grads(self.model.parameters())
+
     def apply_gradients(self) -> tuple[float, float]:
         """Clip by the whole model's gradient norm, step the optimizer, zero the gradients; returns (lr, norm)."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim)
         set_lr(self.optimizer, lr)
-        grads = param_grads(self.model.parameters())
+        grads = self.grads()
         # Over every rank's shards and stages, not just this rank's.
-        norm = grad_norm(grads, self.state.tp_group, self.state.pp_group)
+        norm = grad_norm(grads, self.state.tp_group, self.state.pp_group, self.state.dp_group if self.zero else None)
         overflow = self.scaler is not None and self.scaler.found_inf(norm, self.state.world_size > 1)
         if overflow:  # fp16 overflowed somewhere: every rank skips this step together
             self.skipped_steps += 1
@@ -289,6 +309,7 @@ class Trainer:
                       "tflops_per_device": self.flops_per_token * per_device / 1e12,
                       "mfu": mfu(self.flops_per_token, per_device, self.peak),
                       "peak_memory_gib": self._peak_memory_gib(), "skipped_steps": self.skipped_steps,
+                      "model_state_bytes": sum(model_state_bytes(self.grad_syncs, self.optimizer).values()),
                       **self.progress()})
             # Before evaluating: the time left after a signal (Slurm's lead or grace time) goes to the checkpoint.
             self.stopped_by = None if last else stop.requested(self.device, world > 1)
@@ -353,8 +374,8 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         # The moments come from the checkpoint; the hyper-parameters from this run's config (they may be changed).
         o = self.cfg.optim
-        for group, fresh in zip(self.optimizer.param_groups, param_groups(self.model, o), strict=True):
-            group.update(weight_decay=fresh["weight_decay"], betas=(o.beta1, o.beta2), eps=o.eps)
+        for group, decay in zip(self.optimizer.param_groups, group_weight_decays(o), strict=True):
+            group.update(weight_decay=decay, betas=(o.beta1, o.beta2), eps=o.eps)
         saved = meta["config"]["optim"]
         now = (self.cfg.optim.warmup_steps, self.cfg.optim.decay_steps)
         if (saved["warmup_steps"], saved["decay_steps"]) != now and self.state.is_logging_rank:
@@ -366,12 +387,32 @@ class Trainer:
     def init_weights_from(self, source: TensorSource) -> None:
         """Start from weights only (fresh optimizer and data state): a checkpoint's (`checkpoint_weights`) or a
         Hugging Face model's (`engine.hf.hf_weights`)."""
-        copy_parameters(self.model, source, self.state.tp_group, parameter_names(self.cfg.model))
+        load_weights(source, self.model, self.optimizer, self.state.tp_group, parameter_names(self.cfg.model))
 
     def progress(self) -> dict:
         """Where the run is in the sample stream."""
         return {"consumed_samples": self.consumed_samples,
                 "tokens_seen": self.consumed_samples * self.cfg.train.seq_len}
+
+
+def build_zero(model: GPTChunks, groups: list[dict], cfg: Config, state: ParallelState,
+               compute_dtype: torch.dtype) -> tuple[list[ZeroDataParallel], ZeroOptimizer]:
+    """ZeRO over the DP group for every model chunk, and the optimizer stepping their master shards."""
+    p = cfg.parallel
+    offload = p.optimizer_offload == "cpu"
+    reduce_dtype = torch.bfloat16 if p.grad_reduce_dtype == "bf16" else torch.float32
+    syncs = [ZeroDataParallel(chunk, state.dp_group, p.zero_stage, p.bucket_size_mb, compute_dtype, reduce_dtype,
+                              p.overlap_comm, offload) for chunk in model]
+    if offload:
+        make, which = build_offload_optimizer(cfg.optim)
+        if state.is_logging_rank:
+            print(f"optimizer offload: master weights and AdamW states in host memory, stepped by {which}",
+                  file=sys.stderr)
+    else:
+        make, which = (lambda g: build_optimizer(g, cfg.optim, state.device)), None
+    optimizer = ZeroOptimizer(syncs, groups, make)
+    optimizer.name = which or optimizer.name
+    return syncs, optimizer
 
 
 class Profiler:
