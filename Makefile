@@ -28,7 +28,7 @@ help:
 	@echo "make demo-3d    the same job on 8 ranks as tp 2 (SP) x pipeline 2 (1F1B) x dp 2, compared with make demo's"
 	@echo "make test       lint + the fast test tier (what CI runs; < 10 min on 2 cores)"
 	@echo "make test-slow  the full matrices and long fault trials"
-	@echo "make bench      data pipeline, training step, checkpoint, pipeline and (on CUDA) kernel benchmarks"
+	@echo "make bench      data pipeline, training step, checkpoint, pipeline, ZeRO and (on CUDA) kernel benchmarks"
 	@echo "make gpu-check  on a CUDA machine: kernel tests compiled, kernel benchmark, 124M/1B end to end (runs/gpu/)"
 	@echo "make clean      remove $(VENV) and runs/"
 
@@ -47,8 +47,11 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not slow"
 
+# DeepSpeed is the ZeRO tests' oracle: installed without prebuilt ops, after the torch pin (its own torch>=2 would
+# pull a CUDA build); its ops compile on first use into .cache/torch_extensions.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -c constraints.txt deepspeed==0.19.8
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions $(PY) -m pytest -q -m slow
 
 # The main job: corpus -> tokenizer -> shards -> a small GPT trained by $(RANKS) data-parallel CPU ranks.
 demo: $(STAMP)
@@ -105,6 +108,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_checkpoint.py
 	$(PY) tools/bench_reshard.py
 	$(PY) tools/bench_pipeline.py
+	$(PY) tools/bench_zero.py
 	$(PY) tools/bench_kernels.py
 
 clean:

@@ -1,6 +1,7 @@
 """ZeRO's mixed precision and CPU offload through the trainer, on 2 gloo ranks: bf16 parameters and gradients
 with fp32 master weights and moments, bf16 gradient reduction, fp16 loss scaling whose overflow on one rank makes
-every rank skip the step, and the optimizer offloaded to host memory stepping exactly like the device one."""
+every rank skip the step, and the optimizer offloaded to host memory stepping exactly like the device one (and its
+state resuming from a checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.training.checkpoint import latest_checkpoint
 from tests.distributed import run_ranks
 from tests.test_checkpoint import losses_by_step
 from tests.test_trainer import write_pattern_shard
@@ -57,6 +59,13 @@ def precision_runs(rank: int, world_size: int, shard: str, cache: str, root: str
     out["offload optimizer"] = offload.optimizer.name
     out["offload masters"] = {(view.device.type, view.dtype, view.data_ptr() != b.param_shard.data_ptr())
                               for _, view, b in offload.optimizer.masters}
+    again = run("offload again", stage=1, optimizer_offload="cpu")
+    again.resume(latest_checkpoint(base / "offload"))  # its checkpoint, back into host memory
+    out["offload resumed"] = all(torch.equal(a[1], b[1]) for a, b in zip(offload.optimizer.masters,
+                                                                          again.optimizer.masters, strict=True)) \
+        and all(torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+                for sa, sb in zip(offload.optimizer.state.values(), again.optimizer.state.values(), strict=True)
+                for x, y in zip(sa.values(), sb.values(), strict=True))
     return out
 
 
@@ -86,6 +95,7 @@ def test_fp16_overflow_on_one_rank_is_skipped_by_all(results):
 def test_cpu_offload_steps_like_the_device_optimizer(results):
     for r in results:
         assert r["offload masters"] == {("cpu", torch.float32, True)}  # host copies, not the parameter shards
+        assert r["offload resumed"], "the resumed masters and moments are the saved ones"
         if r["offload optimizer"] == "DeepSpeedCPUAdam":  # its SIMD arithmetic rounds differently
             np.testing.assert_allclose(r["offload"], r["stage1"], rtol=1e-5)
         else:

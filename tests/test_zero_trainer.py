@@ -40,10 +40,11 @@ ATOL = 1e-5  # final weights
 
 def make_trainer(shard: str, cache: str, run_dir: Path, tp: int = 1, pp: int = 1, dp: int = 1, stage: int = 0,
                  arch: str = "llama", steps: int = STEPS, save: int = 0, precision: str = "fp32",
-                 **parallel) -> Trainer:
+                 recompute: str = "none", **parallel) -> Trainer:
     """A 2-layer model (llama untied, gpt2 tied), global batch 8 in micro-batches of 2: 2 accumulation steps at
     dp 2, SP with tp, 1F1B with pp; `parallel` sets other parallel.* keys."""
     cfg = tiny_config(shard, cache, arch, global_batch=8, micro=2, precision=precision)
+    cfg.model.recompute = recompute
     p = cfg.parallel
     p.tp, p.pp, p.dp, p.zero_stage, p.sequence_parallel = tp, pp, dp, stage, tp > 1
     for key, value in parallel.items():
@@ -128,6 +129,22 @@ def test_zero_trains_like_one_process_full_matrix(tmp_path, shard, references):
     for world, cases in by_world.items():
         check_cases(tmp_path, run_ranks(world, train_cases, *shard, str(tmp_path), cases, timeout=900), cases,
                     references)
+
+
+def recomputed(rank: int, world_size: int, shard: str, cache: str, root: str) -> dict[int, float]:
+    trainer = make_trainer(shard, cache, Path(root) / "recompute", dp=2, stage=3, recompute="full")
+    return losses_by_step(trainer.fit())
+
+
+@pytest.mark.slow
+def test_zero_stage3_with_full_recomputation(tmp_path, shard, references):
+    """Stage 3 with full recomputation: the recomputed forward runs on the parameters gathered for backward."""
+    ref_losses, ref_weights = references["llama"]
+    for losses in run_ranks(2, recomputed, *shard, str(tmp_path), timeout=600):
+        np.testing.assert_allclose([losses[s] for s in ref_losses], list(ref_losses.values()), rtol=RTOL)
+    weights = load_full_weights(tmp_path / "recompute")
+    for key, value in ref_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=ATOL, msg=key)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -366,6 +366,10 @@ class ZeroOptimizer:
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the torch optimizer's state (engine.training.checkpoint builds it piece by piece)."""
         self.optimizer.load_state_dict(state_dict)
+        if self.name == "DeepSpeedCPUAdam":  # its op takes the step count as a Python int, not a tensor
+            for state in self.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = int(state["step"].item())
 
     def piece(self, view: torch.Tensor) -> ShardPiece:
         """The shard piece a master view (one of the optimizer's tensors) holds."""
