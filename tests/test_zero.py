@@ -105,16 +105,19 @@ def zero_step(model, zero: ZeroDataParallel, opt: ZeroOptimizer, micro: list[tor
 def count_collectives(counted: dict):
     """Count the elements each ZeRO collective moves (a reduce-scatter's input, an all-gather's output); the
     gradient norm's and the loss's all-reduces are not counted."""
-    originals = {name: getattr(dist, name) for name in ("reduce_scatter_tensor", "all_gather_into_tensor")}
+    # Counted under the older names; engine.parallel.mappings calls the newer ones where torch has them.
+    pairs = (("reduce_scatter_tensor", "reduce_scatter_single"), ("all_gather_into_tensor", "all_gather_single"))
+    names = {old: new if hasattr(dist, new) else old for old, new in pairs}
+    originals = {called: getattr(dist, called) for called in names.values()}
 
-    def wrap(name):
+    def wrap(key, called):
         def call(output, input, *args, **kwargs):
-            counted[name] = counted.get(name, 0) + max(output.numel(), input.numel())
-            return originals[name](output, input, *args, **kwargs)
+            counted[key] = counted.get(key, 0) + max(output.numel(), input.numel())
+            return originals[called](output, input, *args, **kwargs)
         return call
 
-    for name in originals:
-        setattr(dist, name, wrap(name))
+    for key, called in names.items():
+        setattr(dist, called, wrap(key, called))
     try:
         yield
     finally:

@@ -221,3 +221,17 @@ def test_zero_checkpoints_resume_bitwise_and_reshard(tmp_path, shard):
     whole = load_full_weights(step)
     for name, p in target.model.named_parameters():
         assert torch.equal(p, whole[name]), name
+
+
+@pytest.mark.slow
+def test_bench_zero_runs():
+    """tools/bench_zero.py --cpu-quick prints every stage's row, the hidden share and the offload line."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(repo / "tools" / "bench_zero.py"), "--cpu-quick", "--no-deepspeed"],
+                       capture_output=True, text=True, timeout=600, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    for line in [f"weft stage {s} " for s in range(4)] + ["stage 2: off", "offload (stage 2)", "stepped by"]:
+        assert line in r.stdout, line

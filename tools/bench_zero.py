@@ -4,11 +4,11 @@ reduction hidden behind backward, and CPU optimizer offload against none.
 
 Every configuration runs in a fresh launch of --ranks gloo processes (OMP_NUM_THREADS=--threads each), so each
 peak is its own: peak memory = the largest rank's peak resident set (ru_maxrss) minus its resident set before the
-model was built. Weft runs the real `Trainer` (its train_step: forward and backward over the micro-batches,
-reductions, global-norm clipping, AdamW) on a random-token shard; DeepSpeed runs `deepspeed.initialize` on the same
-GPT module (same initialisation) with torch's AdamW over the same weight-decay groups, the same micro-batch,
-accumulation and clipping, fp32. Step time: the median of --steps timed steps after --warmup, each between two
-barriers. ratio = Weft / DeepSpeed (< 1: ours is faster or smaller).
+model was built (and after DeepSpeed's import). Weft runs the real `Trainer` (its train_step: forward and
+backward over the micro-batches, reductions, global-norm clipping, AdamW) on a random-token shard; DeepSpeed runs
+`deepspeed.initialize` on the same GPT module (same initialisation) with torch's AdamW over the same weight-decay
+groups, the same micro-batch, accumulation and clipping, fp32. Step time: the median of --steps timed steps after
+--warmup, each between two barriers. ratio = Weft / DeepSpeed (< 1: ours is faster or smaller).
 
 Overlap: with parallel.overlap_comm=false each reduce-scatter is waited for as it is launched, so that step is
 compute + communication; with overlap the communication runs during the rest of backward. hidden = (t_off - t_on)
@@ -51,6 +51,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from engine.config import Config, fill_defaults, validate  # noqa: E402
 from engine.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 from engine.model import GPT  # noqa: E402
+from engine.parallel.mappings import reduce_scatter_flat  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.memory import model_state_bytes  # noqa: E402
 from engine.training.optimizer import param_groups  # noqa: E402
@@ -119,7 +120,7 @@ def reduction_alone(trainer: Trainer, stage: int, accumulation: int, repeats: in
         t0 = time.perf_counter()
         for _ in range(per_step):
             for flat, out in zip(flats, outs, strict=True):
-                dist.reduce_scatter_tensor(out, flat)
+                reduce_scatter_flat(out, flat)
         dist.barrier()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -132,7 +133,7 @@ def weft_run(args: argparse.Namespace, run: dict, shard: str, tmp: str) -> dict:
         trainer = Trainer(cfg, state, f"{tmp}/run")
     out = {"times": timed(trainer.train_step, args.steps, args.warmup),
            "state_bytes": sum(model_state_bytes(trainer.grad_syncs, trainer.optimizer).values()),
-           "note": err.getvalue().strip().splitlines()[-1] if "offload" in err.getvalue() else ""}
+           "note": next((line for line in err.getvalue().splitlines() if line.startswith("optimizer offload")), "")}
     if run.get("comm"):
         out["comm"] = reduction_alone(trainer, run["stage"], args.accumulation)
     return out
@@ -178,6 +179,8 @@ def worker(rank: int, port: int, args: argparse.Namespace, run: dict, shard: str
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks, timeout=timedelta(seconds=600))
+    if run["engine"] == "deepspeed":  # its import's own memory is not the run's
+        import deepspeed  # noqa: F401
     base = resident_bytes()
     out = (weft_run if run["engine"] == "weft" else deepspeed_run)(args, run, shard, tmp)
     out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base

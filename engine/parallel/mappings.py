@@ -28,6 +28,22 @@ def tp_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None,
+                    async_op: bool = False):
+    """Every rank's flat `input`, concatenated into `output` (torch's `all_gather_single`; its older name,
+    `all_gather_into_tensor`, warns on every run, so it is used only where the new one does not exist)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, input, group=group, async_op=async_op)
+
+
+def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None,
+                        async_op: bool = False):
+    """The sum over ranks of flat `input`, this rank's equal chunk of it into `output` (`reduce_scatter_single`,
+    or `reduce_scatter_tensor` before it)."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return scatter(output, input, group=group, async_op=async_op)
+
+
 def _use_gloo_fallback(group: dist.ProcessGroup, native) -> bool:
     # Older torch's gloo has no single-tensor all-gather / reduce-scatter; NCCL always has them.
     return native is None and dist.get_backend(group) == "gloo"
@@ -51,11 +67,10 @@ def _all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Te
     """Concatenate every rank's `x` along `dim`."""
     if _use_gloo_fallback(group, _all_gather_single):
         return _all_gather_gloo(x.contiguous(), group, dim)
-    gather = _all_gather_single or dist.all_gather_into_tensor
     # The collective concatenates flat buffers along dim 0: gather flat, view as (world, *shape), join along `dim`.
     world = dist.get_world_size(group)
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
-    gather(out, x.contiguous().view(-1), group=group)
+    all_gather_flat(out, x.contiguous().view(-1), group=group)
     return torch.cat(out.view(world, *x.shape).unbind(0), dim=dim)
 
 
@@ -66,11 +81,10 @@ def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torc
         raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split between {world} ranks")
     if _use_gloo_fallback(group, _reduce_scatter_single):
         return _reduce_scatter_gloo(x, group, dim)
-    scatter = _reduce_scatter_single or dist.reduce_scatter_tensor
     # The collective splits a flat buffer along dim 0: lay the chunks out rank after rank first.
     chunks = torch.stack(x.chunk(world, dim=dim))
     out = torch.empty(chunks[0].numel(), dtype=x.dtype, device=x.device)
-    scatter(out, chunks.view(-1), group=group)
+    reduce_scatter_flat(out, chunks.view(-1), group=group)
     return out.view(chunks.shape[1:])
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.parallel.data_parallel import GradientSync
+from engine.parallel.mappings import all_gather_flat, reduce_scatter_flat
 
 
 @dataclass
@@ -209,7 +210,7 @@ class ZeroDataParallel(GradientSync):
         if self.world == 1:  # one rank: the shard is the whole bucket
             out.copy_(flat)
             return self._land_value(bucket, out)
-        handle = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
+        handle = reduce_scatter_flat(out, flat, group=self.group, async_op=True)
         bucket.pending.append((handle, out, flat))
         if not self.overlap:
             self._land(bucket)
@@ -251,7 +252,7 @@ class ZeroDataParallel(GradientSync):
             if b.master is not b.param_shard:
                 b.param_shard.copy_(b.master)
             if self.stage < 3 and self.world > 1:
-                handles.append(dist.all_gather_into_tensor(b.full, b.param_shard.clone(), group=self.group,
+                handles.append(all_gather_flat(b.full, b.param_shard.clone(), group=self.group,
                                                            async_op=True))
         for h in handles:
             h.wait()
@@ -265,7 +266,7 @@ class ZeroDataParallel(GradientSync):
             return
         full = torch.empty(bucket.shard_size * self.world, dtype=bucket.param_shard.dtype,
                            device=bucket.param_shard.device)
-        bucket.gathering = (dist.all_gather_into_tensor(full, bucket.param_shard, group=self.group, async_op=True),
+        bucket.gathering = (all_gather_flat(full, bucket.param_shard, group=self.group, async_op=True),
                             full)
         if not self.overlap:
             self._wait_gather(bucket)
