@@ -111,17 +111,16 @@ class Trainer:
             for chunk in self.model:
                 for block in chunk.blocks.values():
                     block.compile()  # in place: parameter names, and so checkpoints, stay the plain model's
-        # Decided now: ZeRO stage 3 leaves the parameters empty between uses.
-        self.param_groups = param_groups(self.model, cfg.optim)
+        groups = param_groups(self.model, cfg.optim)  # before ZeRO: stage 3 leaves the parameters empty
         self.zero = p.zero_stage > 0
+        # ZeRO computes on 16-bit parameters (fp32 masters in the shards); replicated runs autocast fp32 ones.
         self.compute_dtype = AUTOCAST_DTYPES.get(t.precision, torch.float32) if self.zero else torch.float32
         self.grad_syncs: list[GradientSync]
         if self.zero:
-            self.grad_syncs, self.optimizer = build_zero(self.model, self.param_groups, cfg, state,
-                                                         self.compute_dtype)
+            self.grad_syncs, self.optimizer = build_zero(self.model, groups, cfg, state, self.compute_dtype)
         else:
             self.grad_syncs = [GradientAllReduce(chunk, state.dp_group, p.bucket_size_mb) for chunk in self.model]
-            self.optimizer = build_optimizer(self.param_groups, cfg.optim, self.device)
+            self.optimizer = build_optimizer(groups, cfg.optim, self.device)
         self.autocast = autocast_factory(t.precision, self.device)
         self.scaler = DynamicLossScaler() if t.precision == "fp16" else None
         self.exchange = None
