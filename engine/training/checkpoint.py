@@ -167,7 +167,8 @@ def _saved_tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict, dict]
             if zero:
                 weights[name], pieces[name] = t.detach().cpu().clone(), where
             for key, value in optimizer.state.get(t, {}).items():
-                value = torch.as_tensor(value)  # DeepSpeedCPUAdam counts steps in a Python int, torch in a tensor
+                if not isinstance(value, torch.Tensor):  # DeepSpeedCPUAdam's step count, a Python int
+                    value = torch.tensor(float(value))  # saved as torch's AdamW keeps it, so either reads it
                 states[f"{name}.{key}"] = value.detach().cpu().clone()
                 pieces[f"{name}.{key}"] = where if value.ndim else [0, []]
     return weights, states, pieces
