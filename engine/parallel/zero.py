@@ -252,8 +252,12 @@ class ZeroDataParallel(GradientSync):
             if b.master is not b.param_shard:
                 b.param_shard.copy_(b.master)
             if self.stage < 3 and self.world > 1:
-                handles.append(all_gather_flat(b.full, b.param_shard.clone(), group=self.group,
-                                                           async_op=True))
+                handles.append(all_gather_flat(b.full, b.param_shard.clone(), group=self.group, async_op=True))
+            elif self.stage == 3 and (b.full is not None or b.gathering is not None):
+                # Never left gathered across a step (it would be last step's values); normally already freed.
+                self._wait_gather(b)
+                b.release()
+            b.users, b.pinned = 0, False
         for h in handles:
             h.wait()
 
@@ -292,12 +296,15 @@ class ZeroDataParallel(GradientSync):
 
     def _pre_forward(self, mine: list[Bucket], ahead: list[Bucket]) -> Callable:
         def hook(_module, _args):
-            # A pinned bucket means this forward is its backward's recomputation: the next part is done already.
-            for b in mine + ([] if any(b.pinned for b in mine) else ahead):
+            # A pinned bucket means this forward is its backward's recomputation (model.recompute): the next part
+            # is done already, and the backward holds the parameters. It is not counted as a user, since a
+            # non-reentrant checkpoint may stop the recomputation early, before the forward hook would uncount it.
+            recompute = any(b.pinned for b in mine)
+            for b in mine + ([] if recompute else ahead):
                 self._gather(b)
             for b in mine:
                 self._wait_gather(b)
-                b.users += 1
+                b.users += 0 if recompute else 1
         return hook
 
     def _post_forward(self, mine: list[Bucket], ahead: list[Bucket]) -> Callable:
@@ -311,9 +318,11 @@ class ZeroDataParallel(GradientSync):
             return grad
 
         def hook(_module, _args, output):
+            if any(b.pinned for b in mine):  # a recomputation: the backward's gather, nothing to uncount
+                return
             for b in mine:
                 b.users -= 1
-                if b.users == 0 and not b.pinned:
+                if b.users == 0:
                     b.release()
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(on_output_grad)
