@@ -3,8 +3,8 @@ losses within 1e-5 relative and the final weights (read whole from each run's la
 TP + SP, with PP (1F1B, tied embedding), at DP 2 and 4; the measured model-state bytes against the dry run's
 prediction. Checkpoints: each DP rank writes its shard, a resume in the same layout is bit for bit, and another DP
 size, ZeRO stage, TP or PP (or no ZeRO, or one process) resumes through the resharding reader; generation and
-init_from read them. Mixed precision: bf16 parameters with fp32 masters, bf16 reduction, an fp16 overflow on one
-rank skipped by all; CPU optimizer offload steps exactly like the device optimizer.
+init_from read them. Stage 3 with full recomputation. (Mixed precision and offload: tests/test_zero_precision.py;
+DeepSpeed as the oracle: tests/test_zero_deepspeed.py.)
 
 The fast tier runs the hardest cases of each kind; `make test-slow` runs the full matrix.
 """
@@ -136,7 +136,6 @@ def recomputed(rank: int, world_size: int, shard: str, cache: str, root: str) ->
     return losses_by_step(trainer.fit())
 
 
-@pytest.mark.slow
 def test_zero_stage3_with_full_recomputation(tmp_path, shard, references):
     """Stage 3 with full recomputation: the recomputed forward runs on the parameters gathered for backward."""
     ref_losses, ref_weights = references["llama"]
