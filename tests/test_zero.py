@@ -186,3 +186,4 @@ def test_zero_stages_match_one_process(world):
                 got = params[name]
                 err = (got - ref).abs().max().item() / ref.abs().max().item()
                 assert err <= TOL, f"{where}: {name} differs by {err:.2e} (relative to its largest entry)"
+

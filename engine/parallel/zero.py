@@ -133,7 +133,7 @@ class ZeroDataParallel(GradientSync):
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None, stage: int, bucket_size_mb: float = 25.0,
                  compute_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
-                 overlap: bool = True, offload: bool = False):
+                 overlap: bool = True, offload: bool = False, recomputed: bool = False):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage {stage}: expected 1, 2 or 3 (stage 0 is GradientAllReduce)")
         if group is None and dist.is_initialized():
@@ -142,6 +142,10 @@ class ZeroDataParallel(GradientSync):
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.reduce_dtype = reduce_dtype
+        # Parts run under a non-reentrant checkpoint (model.recompute=full) save nothing of the parameters, and its
+        # own saved-tensor hooks must stay the innermost; otherwise stage 3 installs its own (`_saving_hooks`).
+        self.recomputed = recomputed
+        self._saving: dict[int, torch.autograd.graph.saved_tensors_hooks] = {}
         device = next(module.parameters()).device
         if self.world > 1:  # every replica starts from the first one's weights
             src = dist.get_global_rank(group, 0)
@@ -294,8 +298,30 @@ class ZeroDataParallel(GradientSync):
             part.register_forward_pre_hook(self._pre_forward(buckets[i], after))
             part.register_forward_hook(self._post_forward(buckets[i], before))
 
+    def _saving_hooks(self, mine: list[Bucket]) -> torch.autograd.graph.saved_tensors_hooks:
+        """While a part runs forward: what autograd saves of a gathered buffer (a linear layer saves its weight's
+        transposed view) is kept as a handle into the bucket, not as a view that would hold the buffer until
+        backward; backward rebuilds it from the buffer gathered again."""
+        def pack(t: torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            for b in mine:
+                if b.full is not None and ptr == b.full.untyped_storage().data_ptr():
+                    return b, t.size(), t.stride(), t.storage_offset()
+            return t
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            b, size, stride, offset = saved
+            self._gather(b)  # normally gathered already, by the gradient hook on the part's output
+            self._wait_gather(b)
+            b.pinned = True
+            return b.full.as_strided(size, stride, offset)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
     def _pre_forward(self, mine: list[Bucket], ahead: list[Bucket]) -> Callable:
-        def hook(_module, _args):
+        def hook(module, _args):
             # A pinned bucket means this forward is its backward's recomputation (model.recompute): the next part
             # is done already, and the backward holds the parameters. It is not counted as a user, since a
             # non-reentrant checkpoint may stop the recomputation early, before the forward hook would uncount it.
@@ -305,6 +331,10 @@ class ZeroDataParallel(GradientSync):
             for b in mine:
                 self._wait_gather(b)
                 b.users += 0 if recompute else 1
+            if not (recompute or self.recomputed) and torch.is_grad_enabled():
+                saving = self._saving_hooks(mine)
+                saving.__enter__()
+                self._saving[id(module)] = saving
         return hook
 
     def _post_forward(self, mine: list[Bucket], ahead: list[Bucket]) -> Callable:
@@ -317,7 +347,10 @@ class ZeroDataParallel(GradientSync):
                 self._wait_gather(b)
             return grad
 
-        def hook(_module, _args, output):
+        def hook(module, _args, output):
+            saving = self._saving.pop(id(module), None)
+            if saving is not None:
+                saving.__exit__(None, None, None)
             if any(b.pinned for b in mine):  # a recomputation: the backward's gather, nothing to uncount
                 return
             for b in mine:

@@ -401,7 +401,7 @@ def build_zero(model: GPTChunks, groups: list[dict], cfg: Config, state: Paralle
     offload = p.optimizer_offload == "cpu"
     reduce_dtype = torch.bfloat16 if p.grad_reduce_dtype == "bf16" else torch.float32
     syncs = [ZeroDataParallel(chunk, state.dp_group, p.zero_stage, p.bucket_size_mb, compute_dtype, reduce_dtype,
-                              p.overlap_comm, offload) for chunk in model]
+                              p.overlap_comm, offload, cfg.model.recompute == "full") for chunk in model]
     if offload:
         make, which = build_offload_optimizer(cfg.optim)
         if state.is_logging_rank:
