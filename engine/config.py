@@ -325,9 +325,11 @@ def zero_errors(cfg: Config) -> list[str]:
         errors.append(f"parallel.bucket_size_mb={p.bucket_size_mb} must be positive")
     if p.zero_stage == 0:
         for key, value, default in [("grad_reduce_dtype", p.grad_reduce_dtype, "fp32"),
-                                    ("optimizer_offload", p.optimizer_offload, "none")]:
+                                    ("optimizer_offload", p.optimizer_offload, "none"),
+                                    ("overlap_comm", p.overlap_comm, True)]:
             if value != default:
-                errors.append(f"parallel.{key}={value} needs ZeRO: set parallel.zero_stage to 1, 2 or 3")
+                errors.append(f"parallel.{key}={str(value).lower() if isinstance(value, bool) else value} needs "
+                              "ZeRO: set parallel.zero_stage to 1, 2 or 3")
         return errors
     if p.zero_stage == 3 and t.compile:
         # torch.compile traces the parameters' storage; stage 3 swaps it for every gather and release.

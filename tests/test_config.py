@@ -117,6 +117,7 @@ RULES = [
     ({"parallel__zero_stage": 4}, 1, "parallel.zero_stage=4 is not one of 0, 1, 2, 3"),
     ({"parallel__optimizer_offload": "cpu"}, 1, "parallel.optimizer_offload=cpu needs ZeRO"),
     ({"parallel__grad_reduce_dtype": "bf16"}, 1, "parallel.grad_reduce_dtype=bf16 needs ZeRO"),
+    ({"parallel__overlap_comm": False}, 1, "parallel.overlap_comm=false needs ZeRO"),
     ({"parallel__grad_reduce_dtype": "fp8", "parallel__zero_stage": 1}, 1,
      "parallel.grad_reduce_dtype='fp8' is not one of fp32, bf16"),
     ({"parallel__zero_stage": 3, "train__compile": True}, 1, "parallel.zero_stage=3 with train.compile=true"),
