@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import fill_defaults, validate
 from engine.hf import export_checkpoint
 from engine.inference import load_for_inference
 from engine.model.gpt import parameter_names
-from engine.parallel.state import ParallelState, init_parallel
 from engine.training.checkpoint import checkpoints_dir, read_meta, step_dir_name
 from engine.training.trainer import Trainer, get_batch
 from tests.distributed import run_ranks
 from tests.test_checkpoint import losses_by_step
-from tests.test_trainer import tiny_config, write_pattern_shard
+from tests.test_trainer import start_trainer, tiny_config, write_pattern_shard
 
 STEPS, SAVED = 6, 3
 RTOL = 1e-5  # fp32: another layout sums in another order
@@ -36,12 +34,7 @@ def make_trainer(shard: str, cache: str, run_dir: Path, tp: int, pp: int, dp: in
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp = tp, pp, dp
     cfg.train.steps, cfg.train.save_interval, cfg.train.eval_interval = STEPS, SAVED, 0
     cfg.optim.warmup_steps, cfg.optim.decay_steps = 2, 10
-    fill_defaults(cfg, tp * pp * dp)
-    validate(cfg, tp * pp * dp)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = (init_parallel(tp, pp, dp, torch.device("cpu"), timeout_s=120) if tp * pp * dp > 1
-             else ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu")))
-    return Trainer(cfg, state, run_dir)
+    return start_trainer(cfg, run_dir)
 
 
 def resumed_losses(trainer: Trainer, saved_run: Path) -> dict[int, float]:

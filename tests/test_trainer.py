@@ -52,6 +52,18 @@ def tiny_config(shard: str, cache: str, arch: str = "gpt2", global_batch: int = 
     return cfg
 
 
+def start_trainer(cfg: Config, run_dir: Path) -> Trainer:
+    """Validate `cfg` for its tp x pp x dp layout and build its Trainer (gloo process groups when world > 1)."""
+    p = cfg.parallel
+    world = p.tp * p.pp * p.dp
+    fill_defaults(cfg, world)
+    validate(cfg, world)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = (init_parallel(p.tp, p.pp, p.dp, torch.device("cpu"), timeout_s=120) if world > 1
+             else ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu")))
+    return Trainer(cfg, state, run_dir)
+
+
 def train_losses(cfg: Config, run_dir: str, state: ParallelState | None = None) -> tuple[list[float], list[float]]:
     """Per-step training losses and the evaluation losses of one run."""
     state = state or ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu"))

@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import fill_defaults, validate
 from engine.inference import load_for_inference
-from engine.parallel.state import ParallelState, init_parallel
 from engine.training.checkpoint import (
     checkpoint_weights,
     checkpoints_dir,
@@ -31,7 +29,7 @@ from engine.training.memory import estimate_memory
 from engine.training.trainer import Trainer, get_batch
 from tests.distributed import run_ranks
 from tests.test_checkpoint import losses_by_step
-from tests.test_trainer import tiny_config, write_pattern_shard
+from tests.test_trainer import start_trainer, tiny_config, write_pattern_shard
 
 STEPS = 10
 RTOL = 1e-5  # losses, relative: fp32 sums in another order
@@ -51,12 +49,7 @@ def make_trainer(shard: str, cache: str, run_dir: Path, tp: int = 1, pp: int = 1
         setattr(p, key, value)
     cfg.train.steps, cfg.train.eval_interval, cfg.train.save_interval = steps, 0, save
     cfg.optim.lr, cfg.optim.clip_grad = 1e-3, 0.5  # clipping active: the norm must come from every shard
-    fill_defaults(cfg, tp * pp * dp)
-    validate(cfg, tp * pp * dp)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = (init_parallel(tp, pp, dp, torch.device("cpu"), timeout_s=120) if tp * pp * dp > 1
-             else ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu")))
-    return Trainer(cfg, state, run_dir)
+    return start_trainer(cfg, run_dir)
 
 
 def case_name(tp: int, pp: int, dp: int, stage: int, arch: str) -> str:

@@ -47,7 +47,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -75,18 +74,12 @@ from engine.parallel.pipeline import PipelineExchange, exchange_shape, rank_stag
 from engine.parallel.state import ParallelState, init_parallel  # noqa: E402
 from engine.training.schedule import forward_backward, schedule_steps  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
+from tools.bench_tp import free_port  # noqa: E402
 
 PARTS = ("trace", "bubble", "compare")
 # --cpu-quick: a model and sweep small enough for a test to run all three parts in seconds.
 QUICK = {"layers": 4, "hidden": 64, "heads": 4, "vocab": 512, "seq_len": 32, "micro_batch_size": 2,
          "factors": [1, 2], "steps": 2, "warmup": 1}
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def virtual_of(schedule: str, args: argparse.Namespace) -> int:

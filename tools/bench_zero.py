@@ -29,7 +29,6 @@ import argparse
 import importlib.util
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,28 +42,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from engine.config import Config, fill_defaults, validate  # noqa: E402
-from engine.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.parallel.mappings import reduce_scatter_flat  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.memory import model_state_bytes  # noqa: E402
 from engine.training.optimizer import param_groups  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
+from tools.bench_pipeline import write_shard  # noqa: E402
+from tools.bench_tp import free_port  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def resident_bytes() -> int:
@@ -200,17 +192,6 @@ def launch(args: argparse.Namespace, run: dict, shard: str, tmp: str) -> dict:
             "comm": ranks[0].get("comm"), "note": ranks[0]["note"]}
 
 
-def write_shard(prefix: str, vocab: int, tokens: int) -> None:
-    """Random-token documents, `tokens` in all."""
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        written = 0
-        while written < tokens:
-            n = int(rng.integers(50, 1000))
-            b.add_document(rng.integers(0, vocab, size=n))
-            written += n
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for what "
                                 "each number means.", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,7 +244,7 @@ def main() -> int:
     out = {}
     with tempfile.TemporaryDirectory(prefix="weft-bench-zero-") as tmp:
         tokens = (args.warmup + args.steps + 1) * args.micro_batch_size * args.accumulation * args.ranks
-        write_shard(f"{tmp}/shard", args.vocab, 2 * tokens * (args.seq_len + 1) + 10_000)
+        write_shard(f"{tmp}/shard", args.vocab, 2 * tokens * (args.seq_len + 1) + 10_000, seed=0)
         for name, run in runs.items():
             out[name] = launch(args, run, f"{tmp}/shard", tmp)
             print(f"  ran {name}", file=sys.stderr, flush=True)
