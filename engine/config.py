@@ -21,6 +21,7 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "sdpa")
 GRAD_REDUCE_DTYPES = ("fp32", "bf16")
 OPTIMIZER_OFFLOAD = ("none", "cpu")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,12 @@ class TrainConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if there is one; none: always fresh
     init_from: str | None = None  # weights only (a checkpoint or a Hugging Face model directory); fresh optimizer
+    # A step whose loss or gradient norm is not finite on any rank (docs/fault_tolerance.md): skip drops its update
+    # and counts it; stop saves the last good state and exits 3. skip also stops after max_skipped_steps (0: never).
+    nonfinite: str = "skip"
+    max_skipped_steps: int = 20
+    spike_window: int = 100  # loss spikes: compared with the mean of this many recent losses (0: no detector)
+    spike_threshold: float = 6.0  # a spike: more than this many standard deviations above that mean
 
 
 @dataclass
@@ -231,7 +238,7 @@ def validate(cfg: Config, world_size: int) -> None:
         ("parallel.pipeline_schedule", p.pipeline_schedule, PIPELINE_SCHEDULES),
         ("parallel.grad_reduce_dtype", p.grad_reduce_dtype, GRAD_REDUCE_DTYPES),
         ("parallel.optimizer_offload", p.optimizer_offload, OPTIMIZER_OFFLOAD),
-        ("train.resume", t.resume, ("auto", "none")),
+        ("train.resume", t.resume, ("auto", "none")), ("train.nonfinite", t.nonfinite, NONFINITE_POLICIES),
         ("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline")),
     ]:
         check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -308,8 +315,10 @@ def validate(cfg: Config, world_size: int) -> None:
         check(o.decay_steps >= 0, f"optim.decay_steps={o.decay_steps} must be >= 0")
     check(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: only at the end)")
     check(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops={t.peak_tflops} must be positive")
+    check(t.spike_threshold > 0, f"train.spike_threshold={t.spike_threshold} must be positive")
     for name, value in [("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
-                        ("train.keep_every", t.keep_every)]:
+                        ("train.keep_every", t.keep_every), ("train.max_skipped_steps", t.max_skipped_steps),
+                        ("train.spike_window", t.spike_window)]:
         check(value >= 0, f"{name}={value} must be >= 0")
     if errors:
         raise ConfigError(_format(errors))

@@ -7,7 +7,9 @@
 
 The configuration - and the files, device and packages it names - is checked before any process group starts;
 every problem is reported at once, and the exit code is 2. SIGTERM or SIGUSR1 (Slurm's preemption and time-limit
-warning) make every rank checkpoint after the current step and exit with 75; the same command then resumes.
+warning) make every rank checkpoint after the current step and exit with 75; the same command then resumes. A run
+stopped on non-finite values (train.nonfinite=stop, or train.max_skipped_steps exceeded) saves its last good state
+and exits with 3.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from engine.training.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
-from engine.training.preemption import StopSignals, exit_stopped
+from engine.training.numerics import EXIT_DIVERGED
+from engine.training.preemption import EXIT_STOPPED, StopSignals, exit_together
 from engine.training.reshard import TensorSource
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -233,7 +236,7 @@ def run_directory(config: Config) -> Path:
 
 def run(cfg: DictConfig, stop: StopSignals) -> None:
     """Validate everything, then set up the mesh and train; after a stop signal (`stop`) every rank checkpoints and
-    the process exits 75 (exit_stopped)."""
+    the process exits 75; after non-finite values that train.nonfinite stops on, 3 (exit_together)."""
     config = to_config(cfg)
     rank, world = world_from_env()
     p = config.parallel
@@ -282,8 +285,10 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         if state.is_logging_rank:
             write_json(run_dir / "run_info.json", run_info(config, state, trainer.model))
         trainer.fit(stop)
+        if trainer.diverged is not None:
+            exit_together(EXIT_DIVERGED, world > 1)
         if trainer.stopped_by is not None:
-            exit_stopped(world > 1)
+            exit_together(EXIT_STOPPED, world > 1)
         if state.is_logging_rank:
             print(f"done: {config.train.steps} steps; metrics in {run_dir / 'metrics.jsonl'}")
     except Exception as e:

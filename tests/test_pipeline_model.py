@@ -79,7 +79,7 @@ def run_case(case: Case, shard: str, cache: str, run_dir: str, state: ParallelSt
     first_loss = trainer.compute_gradients()
     in_flight = trainer.last_step_stats.max_in_flight
     grads = {n: unsplit(p.grad, p, state.tp_group, vocab) for n, p in named}
-    _, first_norm = trainer.apply_gradients()
+    _, first_norm = trainer.apply_gradients(first_loss)
     losses, norms = [first_loss], [first_norm]
     for _ in range(STEPS - 1):
         metrics = trainer.train_step()

@@ -83,7 +83,7 @@ def run_case(case: Case, shard: str, cache: str, run_dir: str, state: ParallelSt
     initial = {n: unsplit(p, p, state.tp_group, vocab) for n, p in trainer.model.named_parameters()}
     first_loss = trainer.compute_gradients()
     grads = {n: unsplit(p.grad, p, state.tp_group, vocab) for n, p in trainer.model.named_parameters()}
-    _, first_norm = trainer.apply_gradients()
+    _, first_norm = trainer.apply_gradients(first_loss)
     losses, norms = [first_loss], [first_norm]
     for _ in range(STEPS - 1):
         metrics = trainer.train_step()

@@ -4,8 +4,9 @@ fp16 gradients underflow at the loss's natural scale, so the loss is multiplied 
 gradients divided by it after. A gradient that overflowed (inf or NaN anywhere in the model) means the step is
 skipped and the scale halved; `growth_interval` clean steps in a row double it. Under tensor or pipeline
 parallelism each rank sees only its own parameters' gradients, so one rank's overflow must skip the step on all
-of them: the found-inf flag is MAX all-reduced over the whole world before anyone steps, and every rank keeps the
-same scale. (torch.amp.GradScaler decides per rank.) The constants are GradScaler's defaults.
+of them: the overflow is the world-wide vote on the gradient norm (`engine.training.numerics.nonfinite_vote`)
+taken before anyone steps, and every rank keeps the same scale. (torch.amp.GradScaler decides per rank.) The
+constants are GradScaler's defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 
 class DynamicLossScaler:
@@ -34,18 +34,6 @@ class DynamicLossScaler:
         inv = 1.0 / self.scale_value
         for g in grads:
             g.mul_(inv)
-
-    @staticmethod
-    def found_inf(grad_norm: torch.Tensor, world: bool) -> bool:
-        """True if the gradients overflowed on any rank: a non-finite norm here, MAX all-reduced over the world.
-
-        The global norm already sums every stage's and TP rank's squares, so an overflow anywhere reaches it; the
-        vote keeps the decision agreed whatever reduction the norm came from (ZeRO's shards, a rank-local check).
-        """
-        flag = (~torch.isfinite(grad_norm)).to(torch.int32).reshape(1)
-        if world and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def update(self, found_inf: bool) -> None:
         """Back off after an overflow; grow after `growth_interval` clean steps."""

@@ -117,8 +117,9 @@ def format_record(r: dict) -> str:
                   f"{r['tflops_per_device']:.2f} TFLOP/s/dev",
                   "mfu " + ("n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"),
                   f"mem {r['peak_memory_gib']:.2f} GiB"]
-        if r.get("skipped_steps"):
-            parts.append(f"skipped {r['skipped_steps']}")
+        for key, label in (("skipped_steps", "skipped"), ("nonfinite_steps", "non-finite"), ("loss_spikes", "spikes")):
+            if r.get(key):
+                parts.append(f"{label} {r[key]}")
     if "val_loss" in r:
         parts += [f"val_loss {r['val_loss']:.4f}", f"val_ppl {r['val_ppl']:.2f}"]
     return " | ".join(parts)

@@ -60,8 +60,9 @@ class StopSignals:
         return signal.Signals(received).name if received else None
 
 
-def exit_stopped(distributed: bool) -> NoReturn:
-    """End the process with EXIT_STOPPED once every rank is here (the checkpoint is saved and durable).
+def exit_together(code: int, distributed: bool) -> NoReturn:
+    """End the process with `code` (EXIT_STOPPED, or numerics' EXIT_DIVERGED) once every rank is here (the
+    checkpoint is saved and durable).
 
     The ranks leave together and at once: under `srun --kill-on-bad-exit` the first exit 75 has Slurm terminate the
     others, and a rank still tearing down (interpreter, process groups) when its KillWait ends would be killed, turning
@@ -73,4 +74,4 @@ def exit_stopped(distributed: bool) -> NoReturn:
         dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_STOPPED)
+    os._exit(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -49,6 +50,7 @@ from engine.training.metrics import (
     peak_tflops,
     perplexity,
 )
+from engine.training.numerics import EXIT_DIVERGED, SpikeDetector, nonfinite_vote
 from engine.training.optimizer import (
     build_offload_optimizer,
     build_optimizer,
@@ -133,7 +135,12 @@ class Trainer:
         self.peak = peak_tflops(self.device, t.precision, t.peak_tflops)
         self.step = 0
         self.consumed_samples = 0
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # updates not applied: fp16 overflows and non-finite steps
+        self.nonfinite_steps = 0  # steps whose loss or gradient norm was not finite (engine.training.numerics)
+        self.loss_spikes = 0
+        self.spikes = SpikeDetector(t.spike_window, t.spike_threshold)
+        self.fault: str | None = None  # what was not finite in the last step
+        self.diverged: str | None = None  # why fit() stopped for non-finite values (train.nonfinite)
         self.wandb_run_id: str | None = None
         self.stopped_by: str | None = None  # a signal that stopped fit() early (engine.training.preemption)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, fast_backend=False)  # checkpoints carry it
@@ -182,7 +189,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics."""
         loss = self.compute_gradients()
-        lr, norm = self.apply_gradients()
+        lr, norm = self.apply_gradients(loss)
         return {"loss": loss, "lr": lr, "grad_norm": norm}
 
     def compute_gradients(self) -> float:
@@ -209,28 +216,41 @@ class Trainer:
             return [pair for sync in self.grad_syncs for pair in sync.grads()]
         return param_grads(self.model.parameters())
 
-    def apply_gradients(self) -> tuple[float, float]:
-        """Clip by the whole model's gradient norm, step the optimizer, zero the gradients; returns (lr, norm)."""
-        cfg = self.cfg
+    def apply_gradients(self, loss: float) -> tuple[float, float]:
+        """Clip by the whole model's gradient norm, step the optimizer, zero the gradients; returns (lr, norm).
+
+        A step whose loss or norm is not finite on any rank is skipped by every rank (engine.training.numerics)."""
+        cfg, t = self.cfg, self.cfg.train
         lr = lr_at(self.step, cfg.optim)
         set_lr(self.optimizer, lr)
         grads = self.grads()
         # Over every rank's shards and stages, not just this rank's.
         norm = grad_norm(grads, self.state.tp_group, self.state.pp_group, self.state.dp_group if self.zero else None)
-        overflow = self.scaler is not None and self.scaler.found_inf(norm, self.state.world_size > 1)
-        if overflow:  # fp16 overflowed somewhere: every rank skips this step together
+        loss_bad, norm_bad = nonfinite_vote(loss, norm, self.state.world_size > 1)
+        overflow = self.scaler is not None and norm_bad and not loss_bad  # fp16: the loss scaler's to handle
+        self.fault = None if overflow or not (loss_bad or norm_bad) else (
+            "the loss and the gradient norm are" if loss_bad and norm_bad else
+            "the loss is" if loss_bad else "the gradient norm is") + " not finite"
+        if overflow or self.fault:  # every rank skips this step together
             self.skipped_steps += 1
         else:
             if cfg.optim.clip_grad > 0:
                 clip_grads_([g for g, _ in grads], cfg.optim.clip_grad, norm)
             self.optimizer.step()
         if self.scaler is not None:
-            self.scaler.update(overflow)
+            self.scaler.update(overflow or self.fault is not None)
+        if self.fault:
+            self.nonfinite_steps += 1
+            if t.nonfinite == "stop":
+                self.diverged = f"step {self.step + 1}: {self.fault} (train.nonfinite=stop)"
+            elif t.max_skipped_steps and self.nonfinite_steps > t.max_skipped_steps:
+                self.diverged = (f"step {self.step + 1}: {self.nonfinite_steps} steps skipped for non-finite values, "
+                                 f"more than train.max_skipped_steps={t.max_skipped_steps}")
         for sync in self.grad_syncs:
             sync.zero_grad()
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
-        return lr, norm.item()
+        return lr, math.nan if norm_bad else norm.item()  # the vote's: some rank's norm was not finite
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -255,7 +275,7 @@ class Trainer:
         """
         t = self.cfg.train
         lg = self.cfg.logging
-        self.stopped_by = None
+        self.stopped_by = self.diverged = None
         logger = MetricsLogger(self.run_dir, self.state.is_logging_rank, t.steps, self.step, lg.progress_bar,
                                self.peak, f"{device_name(self.device)}, {t.precision}", lg.console)
         records: list[dict] = []
@@ -285,7 +305,8 @@ class Trainer:
             if wandb is not None:
                 # W&B shows a run marked preempting as preempted only when it exits non-zero
                 stopped = ok and self.stopped_by is not None
-                wandb.finish(EXIT_STOPPED if stopped else 0 if ok else 1, preempted=stopped)
+                code = EXIT_DIVERGED if ok and self.diverged else EXIT_STOPPED if stopped else 0 if ok else 1
+                wandb.finish(code, preempted=stopped)
         return records
 
     def _train_loop(self, t, emit, logger, throughput, evaluate, can_eval, stop: StopSignals) -> None:
@@ -300,19 +321,22 @@ class Trainer:
                 metrics = self.train_step()
             throughput.add(tokens_per_step)
             logger.advance(1, metrics["loss"])
-            last = self.step == t.steps
-            if self.step % t.log_interval == 0 or last:
+            self._watch_numerics(metrics["loss"])
+            last = self.step == t.steps or self.diverged is not None
+            if self.step % t.log_interval == 0 or last or self.fault:
                 tps = throughput.read()
                 per_device = tps / world
                 emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
                       "tflops_per_device": self.flops_per_token * per_device / 1e12,
                       "mfu": mfu(self.flops_per_token, per_device, self.peak),
                       "peak_memory_gib": self._peak_memory_gib(), "skipped_steps": self.skipped_steps,
+                      "nonfinite_steps": self.nonfinite_steps, "loss_spikes": self.loss_spikes,
                       "model_state_bytes": sum(model_state_bytes(self.grad_syncs, self.optimizer).values()),
                       **self.progress()})
             # Before evaluating: the time left after a signal (Slurm's lead or grace time) goes to the checkpoint.
             self.stopped_by = None if last else stop.requested(self.device, world > 1)
-            if can_eval and not self.stopped_by and ((t.eval_interval and self.step % t.eval_interval == 0) or last):
+            if (can_eval and not self.stopped_by and not self.diverged
+                    and ((t.eval_interval and self.step % t.eval_interval == 0) or last)):
                 evaluate()
             periodic = bool(t.save_interval and self.step % t.save_interval == 0)
             if periodic or last or self.stopped_by:
@@ -321,11 +345,32 @@ class Trainer:
                 throughput.exclude(time.perf_counter() - t0)
             if periodic and not self.stopped_by and not last:  # a signal during the evaluation or the save just made
                 self.stopped_by = stop.requested(self.device, world > 1)
+            if self.diverged:
+                if self.state.is_logging_rank:
+                    print(f"error: stopped at {self.diverged}; the checkpoint of step {self.step} holds the weights "
+                          "and optimizer state from before it (its batch is passed over). Lower optim.lr, or resume "
+                          "an earlier checkpoint; docs/fault_tolerance.md", file=sys.stderr)
+                return
             if self.stopped_by:
                 if self.state.is_logging_rank:
                     print(f"{self.stopped_by}: stopped after step {self.step} of {t.steps}, checkpoint saved; "
                           "run the same command again (or requeue the job) to continue", file=sys.stderr)
                 return
+
+    def _watch_numerics(self, loss: float) -> None:
+        """Warn about the step just taken: skipped for non-finite values, or a loss spike (counted)."""
+        t = self.cfg.train
+        if self.fault and self.state.is_logging_rank:
+            policy = "stopping" if t.nonfinite == "stop" else "update skipped"
+            print(f"warning: step {self.step}: {self.fault} ({policy}; {self.nonfinite_steps} non-finite step"
+                  f"{'s' if self.nonfinite_steps != 1 else ''} so far)", file=sys.stderr)
+        mean = self.spikes.check(loss)
+        if mean is not None:
+            self.loss_spikes += 1
+            if self.state.is_logging_rank:
+                print(f"warning: step {self.step}: loss spike, {loss:.4f} against a mean of {mean:.4f} over the last "
+                      f"{len(self.spikes.losses) - 1} steps (train.spike_threshold={t.spike_threshold} standard "
+                      "deviations)", file=sys.stderr)
 
     def _peak_memory_gib(self) -> float:
         """The highest peak memory of any rank (1F1B's activations pile up on the first stage, not the logging one)."""
@@ -358,6 +403,8 @@ class Trainer:
         tokenizer = self.tokenizer
         is_byte = tokenizer.name == BYTE_TOKENIZER
         meta = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                "nonfinite_steps": self.nonfinite_steps, "loss_spikes": self.loss_spikes,
+                "loss_window": self.spikes.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "wandb_run_id": self.wandb_run_id, "config": asdict(self.cfg),
                 "tokenizer": BYTE_TOKENIZER if is_byte else "tokenizer.json", "eod_id": tokenizer.eod_id}
@@ -369,6 +416,8 @@ class Trainer:
         meta = load_checkpoint(path, self.state, self.model, self.optimizer, parameter_names(self.cfg.model))
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         self.skipped_steps, self.wandb_run_id = meta["skipped_steps"], meta.get("wandb_run_id")
+        self.nonfinite_steps, self.loss_spikes = meta.get("nonfinite_steps", 0), meta.get("loss_spikes", 0)
+        self.spikes.load_state_dict(meta.get("loss_window", []))
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         # The moments come from the checkpoint; the hyper-parameters from this run's config (they may be changed).
