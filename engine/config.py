@@ -130,6 +130,8 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept (the newest); 0 keeps all
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if there is one; none: always fresh
+    verify_checkpoint: bool = False  # resume: re-hash every file against the manifest's SHA-256 (sizes: always)
+    resume_fallback: bool = False  # resume: a damaged latest checkpoint falls back to the newest intact one
     init_from: str | None = None  # weights only (a checkpoint or a Hugging Face model directory); fresh optimizer
     # A step whose loss or gradient norm is not finite on any rank (docs/fault_tolerance.md): skip drops its update
     # and counts it; stop saves the last good state and exits 3. skip also stops after max_skipped_steps (0: never).

@@ -48,8 +48,8 @@ from engine.training.checkpoint import (
     CheckpointError,
     checkpoint_weights,
     checkpoints_dir,
+    find_resume_checkpoint,
     is_hf_model_dir,
-    latest_checkpoint,
     read_meta,
     resolve_checkpoint,
 )
@@ -264,7 +264,9 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
     run_dir = run_directory(config)
     trainer = None
     try:
-        checkpoint = latest_checkpoint(run_dir) if config.train.resume == "auto" else None
+        t = config.train
+        checkpoint = (find_resume_checkpoint(run_dir, state, t.verify_checkpoint, t.resume_fallback)
+                      if t.resume == "auto" else None)
         resume_step = read_meta(checkpoint)["step"] if checkpoint is not None else None
         if state.is_logging_rank:
             if checkpoint is not None:

@@ -5,7 +5,9 @@ Layout under `run_dir/checkpoints/`:
     latest                                  the newest complete step directory's name (replaced atomically)
     step_00000100/
         meta.json                           step, samples consumed, loss scaler, layout, W&B
-                                            run id, the resolved config, and every file's size (written last)
+                                            run id, the resolved config, and every file's size
+        manifest.json                       every other file's size and SHA-256 (written last, once every
+                                            rank's files are durable: engine.training.integrity)
         model-pp00-tp00.safetensors         parameters of one (pipeline stage, tensor rank)
         tokenizer.json                      the run's tokenizer (absent for the built-in byte tokenizer)
         optimizer-pp00-tp00.safetensors     AdamW moments and step counts of the same parameters, by name
@@ -16,7 +18,9 @@ Layout under `run_dir/checkpoints/`:
         optimizer-pp00-tp00-dp00.safetensors  the AdamW moments of the same elements
 
 A step is written into `.tmp-step_...` by every rank, then renamed when whole; `latest` changes last, so a crash
-mid-save leaves the previous checkpoint and `latest` as they were. Tensors go through safetensors and everything
+mid-save leaves the previous checkpoint and `latest` as they were. A resume checks the checkpoint it takes (sizes
+always, checksums with `train.verify_checkpoint`) and, with `train.resume_fallback`, falls back to the newest
+intact one before it. Tensors go through safetensors and everything
 else through JSON: loading never unpickles anything. Data-parallel replicas hold the same model and optimizer,
 so only data-parallel rank 0 writes those; under ZeRO each rank writes its shard and nothing is gathered. A run may
 resume in another layout (TP, PP, DP size, ZeRO stage): the weights and optimizer moments are read into this run's
@@ -31,6 +35,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +47,15 @@ from engine.parallel.layers import is_tied_copy
 from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.state import ParallelState
 from engine.parallel.zero import ZeroOptimizer
+from engine.training.integrity import (
+    MANIFEST,
+    check_sizes,
+    checksum_problems,
+    file_record,
+    fsync_path,
+    read_manifest,
+    write_manifest,
+)
 from engine.training.reshard import (
     ZERO_METADATA,
     CheckpointError,
@@ -75,31 +89,62 @@ def step_dir_name(step: int) -> str:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The step directory `latest` names, or None when the run has no checkpoint yet.
-
-    If `latest` names a missing or damaged step (deleted by hand, a disk problem), the newest complete one is used
-    instead, with a warning.
-    """
+    """The step directory `latest` names (not yet checked: `read_meta` does that), or None before the first save."""
     root = checkpoints_dir(run_dir)
     pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not STEP_DIR.match(name):  # never follow a path read from a file
+        raise CheckpointError(f"{pointer}: names {name!r}, not a step directory of {root}")
+    return root / name
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, state: ParallelState, verify: bool = False,
+                           fallback: bool = False) -> Path | None:
+    """The checkpoint a resume starts from: the one `latest` names, checked on every rank (`check_checkpoint`).
+
+    If it is damaged: a CheckpointError naming the file, or with `fallback` the newest intact checkpoint older than
+    it, with a loud warning. None when the run has no checkpoint. Every rank returns (or raises) the same.
+    """
+    named = latest_checkpoint(run_dir)
+    if named is None:
+        return None
+    root = checkpoints_dir(run_dir)
+    older = sorted((d for d in root.iterdir() if STEP_DIR.match(d.name) and d.name < named.name), reverse=True)
+    problems = []
+    for candidate in [named, *(older if fallback else [])]:
+        problem = check_checkpoint(candidate, state, verify)
+        if problem is None:
+            if problems and state.rank == 0:
+                print(f"WARNING: {'; '.join(problems)}\nWARNING: resuming from {candidate}, the newest intact "
+                      "checkpoint (train.resume_fallback=true); the steps after it are trained again",
+                      file=sys.stderr)
+            return candidate
+        problems.append(problem)
+        if not fallback:
+            raise CheckpointError(f"{problem}. Set train.resume_fallback=true to resume from the newest intact "
+                                  "checkpoint before it instead")
+    raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(problems)}")
+
+
+def check_checkpoint(path: Path, state: ParallelState, verify: bool) -> str | None:
+    """What is wrong with the checkpoint at `path` on any rank (missing or resized files; with `verify`, a file
+    whose SHA-256 differs from the manifest, each rank re-hashing its share), or None; the same on every rank."""
+    problems = []
     try:
         read_meta(path)
-        return path
+        records = read_manifest(path) if verify else None
+        if records is not None:
+            names = sorted(records)[state.rank::state.world_size]
+            problems = checksum_problems(path, records, names)
     except CheckpointError as e:
-        problem = e
-    candidates = sorted((d for d in root.iterdir() if STEP_DIR.match(d.name)), reverse=True)
-    for candidate in candidates:
-        try:
-            read_meta(candidate)
-        except CheckpointError:
-            continue
-        print(f"warning: {pointer} names an unusable checkpoint ({problem}); using {candidate.name}, the newest "
-              "complete one", file=sys.stderr)
-        return candidate
-    raise CheckpointError(f"{pointer}: {problem}; and no other complete checkpoint in {root}")
+        problems = [str(e)]
+    if state.world_size > 1:
+        every: list[list[str]] = [[] for _ in range(state.world_size)]
+        dist.all_gather_object(every, problems)
+        problems = sorted({p for rank in every for p in rank})
+    return "; ".join(problems) or None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -108,10 +153,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (p / "meta.json").exists():
         return p
     for run_dir in (p, p.parent):
-        if (checkpoints_dir(run_dir) / "latest").exists():
-            latest = latest_checkpoint(run_dir)
-            if latest is not None:
-                return latest
+        latest = latest_checkpoint(run_dir)
+        if latest is not None:
+            return latest
     raise CheckpointError(f"{p}: not a checkpoint (no meta.json) and no checkpoints/latest under it")
 
 
@@ -120,9 +164,9 @@ def _shard_tag(state: ParallelState) -> str:
     return f"pp{c.pp:02d}-tp{c.tp:02d}"
 
 
-def _barrier(state: ParallelState) -> None:
+def _barrier(state: ParallelState, group: dist.ProcessGroup | None = None) -> None:
     if state.world_size > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
@@ -155,8 +199,7 @@ def _saved_tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict, dict]
     """
     names = _param_names(model)
     zero = isinstance(optimizer, ZeroOptimizer)
-    # Clones: ZeRO's tensors are views of flat buffers, which safetensors refuses to write as separate tensors.
-    weights = {} if zero else {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model).items()}
+    weights = {} if zero else {name: _host_copy(p) for name, p in _saved_parameters(model).items()}
     states, pieces = {}, {}
     for group in _optimizer_targets(optimizer):
         for t, p, shape, span in group:
@@ -165,13 +208,23 @@ def _saved_tensors(model: torch.nn.Module, optimizer) -> tuple[dict, dict, dict]
             name = names[id(p)]
             where = [span[0] if span else 0, list(shape)]
             if zero:
-                weights[name], pieces[name] = t.detach().cpu().clone(), where
+                weights[name], pieces[name] = _host_copy(t), where
             for key, value in optimizer.state.get(t, {}).items():
                 if not isinstance(value, torch.Tensor):  # DeepSpeedCPUAdam's step count, a Python int
                     value = torch.tensor(float(value))  # saved as torch's AdamW keeps it, so either reads it
-                states[f"{name}.{key}"] = value.detach().cpu().clone()
+                states[f"{name}.{key}"] = _host_copy(value)
                 pieces[f"{name}.{key}"] = where if value.ndim else [0, []]
     return weights, states, pieces
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory that training may not change under a save in flight: pinned (and copied without
+    waiting) from a GPU, cloned on the CPU. Also whole: ZeRO's tensors are views of flat buffers, which safetensors
+    refuses to write as separate tensors."""
+    t = t.detach()
+    if t.device.type == "cuda":
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -181,31 +234,23 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(
-    run_dir: str | os.PathLike,
-    step: int,
-    state: ParallelState,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    meta: dict,
-    keep_last: int = 2,
-    keep_every: int = 0,
-    tokenizer_file: str | os.PathLike | None = None,
-    fail_after_files: Callable[[], None] | None = None,
-) -> Path:
-    """Write step `step` (every rank calls this); returns the published step directory.
+@dataclass
+class Snapshot:
+    """One rank's part of a checkpoint, copied to host memory: what `write_checkpoint` puts on disk."""
+
+    step: int
+    tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]]  # file name -> (tensors, metadata)
+    meta: dict  # rank 0's meta.json fields (others: empty)
+    tokenizer_file: str | os.PathLike | None = None  # rank 0: copied in as tokenizer.json
+
+
+def snapshot_checkpoint(step: int, state: ParallelState, model: torch.nn.Module, optimizer, meta: dict,
+                        tokenizer_file: str | os.PathLike | None = None) -> Snapshot:
+    """Copy this rank's share of step `step` to host memory (every rank calls this: the layout is gathered).
 
     `tokenizer_file`, a Hugging Face tokenizer.json, is copied in as `tokenizer.json` so generation and export need
     nothing but the checkpoint; `meta` says which tokenizer to use (`"tokenizer": "byte"` or `"tokenizer.json"`).
     """
-    root = checkpoints_dir(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
-    if state.rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a crashed earlier attempt at this step
-        tmp.mkdir(parents=True)
-    _barrier(state)
     tag = _shard_tag(state)
     layout = tp_layout(model)
     if state.pp > 1:  # each stage knows its own parameters' layout; rank 0 records them all
@@ -213,64 +258,97 @@ def save_checkpoint(
         dist.all_gather_object(stages, layout, group=state.pp_group)
         layout = {name: how for stage in stages for name, how in stage.items()}
     zero = isinstance(optimizer, ZeroOptimizer)
+    files = {}
     if zero or state.dp_rank == 0:
         weights, states, pieces = _saved_tensors(model, optimizer)
         if zero:  # each DP rank its own shard; the metadata says where each piece goes
             tag = f"{tag}-dp{state.dp_rank:02d}"
         for kind, tensors in (("model", weights), ("optimizer", states)):
             where = {key: pieces[key] for key in tensors} if zero else None
-            save_file(tensors, tmp / f"{kind}-{tag}.safetensors",
-                      metadata={ZERO_METADATA: json.dumps(where)} if zero else None)
+            files[f"{kind}-{tag}.safetensors"] = (tensors, {ZERO_METADATA: json.dumps(where)} if zero else None)
+    files[f"rng-rank{state.rank:05d}.safetensors"] = (_rng_tensors(), None)
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)  # the pinned host copies have landed
+    if state.rank != 0:
+        return Snapshot(step, files, {})
+    meta = {"format": ZERO_FORMAT_VERSION if zero else FORMAT_VERSION, "step": step, "world_size": state.world_size,
+            "tp": state.tp, "pp": state.pp, "dp": state.dp, **meta, "tp_layout": layout,
+            "zero_stage": optimizer.chunks[0].stage if zero else 0, "manifest": MANIFEST}
+    return Snapshot(step, files, meta, tokenizer_file)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, state: ParallelState, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, meta: dict, keep_last: int = 2, keep_every: int = 0,
+                    tokenizer_file: str | os.PathLike | None = None) -> Path:
+    """Write step `step` (every rank calls this); returns the published step directory."""
+    snapshot = snapshot_checkpoint(step, state, model, optimizer, meta, tokenizer_file)
+    return write_checkpoint(run_dir, snapshot, state, keep_last, keep_every)
+
+
+def write_checkpoint(run_dir: str | os.PathLike, snapshot: Snapshot, state: ParallelState, keep_last: int = 2,
+                     keep_every: int = 0, group: dist.ProcessGroup | None = None,
+                     fail_after_files: Callable[[], None] | None = None) -> Path:
+    """Put every rank's snapshot on disk as one step directory, published atomically (every rank calls this).
+
+    Each rank writes, fsyncs and hashes its own files; rank 0 gathers those records into the manifest, renames the
+    directory and moves `latest`. `group` carries the coordination (None: the world; an asynchronous save uses its
+    own, so that it never interleaves with training's collectives).
+    """
+    root = checkpoints_dir(run_dir)
+    final = root / step_dir_name(snapshot.step)
+    tmp = root / f".tmp-{final.name}"
     if state.rank == 0:
-        meta = {**meta, "tp_layout": layout, "zero_stage": optimizer.chunks[0].stage if zero else 0}
-    save_file(_rng_tensors(), tmp / f"rng-rank{state.rank:05d}.safetensors")
-    if state.rank == 0 and tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a crashed earlier attempt at this step
+        tmp.mkdir(parents=True)
+    _barrier(state, group)
+    records = {}
+    for name, (tensors, metadata) in snapshot.tensors.items():
+        save_file(tensors, tmp / name, metadata=metadata)
+        records[name] = file_record(tmp / name)
+    if snapshot.tokenizer_file is not None:
+        shutil.copyfile(snapshot.tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
+        records["tokenizer.json"] = file_record(tmp / "tokenizer.json")
     if fail_after_files is not None:
         fail_after_files()  # tests: a crash in the middle of a save
-    _barrier(state)
+    every = [records]
+    if state.world_size > 1:  # the manifest is written once every rank's files are durable
+        every = [{} for _ in range(state.world_size)] if state.rank == 0 else None
+        dist.gather_object(records, every, dst=0, group=group)
     error = None
     if state.rank == 0:
         try:
-            _publish(root, tmp, final, state, step, meta, keep_last, keep_every)
+            _publish(root, tmp, final, snapshot.meta, {k: v for r in every for k, v in r.items()}, keep_last,
+                     keep_every)
         except OSError as e:  # disk full, permissions: every rank must hear of it rather than wait forever
             error = f"saving {final} failed: {e}"
     if state.world_size > 1:
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         error = box[0]
     if error is not None:
         raise CheckpointError(error)
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, state: ParallelState, step: int, meta: dict, keep_last: int,
+def _publish(root: Path, tmp: Path, final: Path, meta: dict, records: dict[str, dict], keep_last: int,
              keep_every: int) -> None:
-    """Rank 0: write meta.json, make everything durable, rename the directory, then move `latest`."""
-    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-    full = {"format": ZERO_FORMAT_VERSION if meta.get("zero_stage") else FORMAT_VERSION, "step": step,
-            "world_size": state.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp, "files": files, **meta}
-    (tmp / "meta.json").write_text(json.dumps(full, indent=1, sort_keys=True))
-    for f in tmp.iterdir():  # on disk before any name points at them, so a power cut cannot leave empty files
-        _fsync(f)
-    _fsync(tmp)
+    """Rank 0: write meta.json, then the manifest over every file, rename the directory, then move `latest`."""
+    # The sizes in meta.json are for readers from before manifests; the manifest is what completes a step.
+    meta = {**meta, "files": {name: r["bytes"] for name, r in sorted(records.items())}}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    records = {**records, "meta.json": file_record(tmp / "meta.json")}
+    write_manifest(tmp, records)
+    fsync_path(tmp)  # the entries, before any name points at them: a power cut cannot leave empty files
     if final.exists():  # re-saving a step (a resumed run reaching it again)
         shutil.rmtree(final)
     os.replace(tmp, final)
     pointer = root / "latest.tmp"
     pointer.write_text(final.name + "\n")
-    _fsync(pointer)
+    fsync_path(pointer)
     os.replace(pointer, root / "latest")
-    _fsync(root)
+    fsync_path(root)
     prune(root, keep_last, keep_every)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> None:
@@ -286,24 +364,27 @@ def prune(root: Path, keep_last: int, keep_every: int) -> None:
 
 
 def read_meta(path: Path) -> dict:
-    """meta.json of a step directory, with every listed file checked present and of its recorded size."""
+    """meta.json of a step directory, with the manifest's files (or, before manifests, meta.json's) checked present
+    and of their recorded sizes."""
+    records = read_manifest(path)
+    if records is not None:
+        check_sizes(path, {"meta.json": records["meta.json"]["bytes"]} if "meta.json" in records else {})
     meta_file = path / "meta.json"
     try:
         meta = json.loads(meta_file.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{meta_file}: missing; {path} is not a complete checkpoint") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_file}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: not a JSON object; the checkpoint is damaged")
     if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{meta_file}: checkpoint format {meta.get('format')}, this version reads "
                               f"{', '.join(map(str, READABLE_FORMATS))}")
-    for name, size in meta["files"].items():
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"{f}: missing from the checkpoint")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, but {size} were written; the file is truncated "
-                                  "or was replaced")
+    if records is None and meta.get("manifest"):
+        raise CheckpointError(f"{path / MANIFEST}: missing; {path} is not a complete checkpoint (its save did not "
+                              "finish)")
+    check_sizes(path, {n: r["bytes"] for n, r in records.items()} if records is not None else meta["files"])
     return meta
 
 

@@ -1,0 +1,178 @@
+"""Verified checkpoints (engine/training/integrity.py): the manifest lists every file with the SHA-256 `sha256sum`
+would print; a flipped byte (with verification), a truncated and a deleted file each give an error naming the file,
+and train.resume_fallback resumes from the newest intact checkpoint before it, whose losses then continue the
+uninterrupted run's. Verification is split over the ranks and agreed. tools/inspect_checkpoint.py reports the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.parallel.state import ParallelState
+from engine.training.checkpoint import (
+    CheckpointError,
+    checkpoints_dir,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    step_dir_name,
+)
+from tests.distributed import run_ranks
+from tests.test_train_cli import REPO, TINY, train
+from tests.test_train_cli import shard as cli_shard  # noqa: F401 (the CLI tests' shard fixture)
+from tests.test_trainer import start_trainer, tiny_config, write_pattern_shard
+
+SINGLE = ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu"))
+MODEL = "model-pp00-tp00.safetensors"
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("integrity")
+    return write_pattern_shard(root / "shard"), str(root / "cache")
+
+
+@pytest.fixture
+def run(tmp_path, shard) -> Path:
+    """A run with checkpoints at steps 2 and 4."""
+    cfg = tiny_config(*shard)
+    cfg.train.steps, cfg.train.save_interval, cfg.train.keep_last, cfg.train.eval_interval = 4, 2, 0, 0
+    start_trainer(cfg, tmp_path).fit()
+    return tmp_path
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """Flip a byte in the middle of the model file, cut its end off, or delete it."""
+    f = step_dir / MODEL
+    data = bytearray(f.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+    elif how == "truncate":
+        f.write_bytes(bytes(data[:-100]))
+    else:
+        f.unlink()
+
+
+def test_the_manifest_lists_every_file_with_its_sha256(run):
+    """Every file of the step directory but the manifest, with the size and digest sha256sum gives."""
+    step = checkpoints_dir(run) / step_dir_name(4)
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert manifest["algorithm"] == "sha256"
+    assert set(manifest["files"]) == {f.name for f in step.iterdir()} - {"manifest.json"}
+    assert "meta.json" in manifest["files"] and MODEL in manifest["files"]
+    for name, record in manifest["files"].items():
+        data = (step / name).read_bytes()
+        assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert json.loads((step / "meta.json").read_text())["manifest"] == "manifest.json"
+
+
+@pytest.mark.parametrize(("how", "verify", "match"), [
+    ("flip", True, rf"{MODEL}: sha256 [0-9a-f]{{16}}\.\.\. differs from the manifest's"),
+    ("truncate", False, rf"{MODEL}: \d+ bytes, but \d+ were written"),
+    ("delete", False, rf"{MODEL}: missing from the checkpoint"),
+])
+def test_a_damaged_latest_is_an_error_naming_the_file_or_falls_back(run, capsys, how, verify, match):
+    """Without fallback: an error naming the file (and the fix); with it: the previous checkpoint, loudly."""
+    damage(checkpoints_dir(run) / step_dir_name(4), how)
+    with pytest.raises(CheckpointError, match=match) as error:
+        find_resume_checkpoint(run, SINGLE, verify=verify)
+    assert "train.resume_fallback=true" in str(error.value)
+    picked = find_resume_checkpoint(run, SINGLE, verify=verify, fallback=True)
+    assert picked == checkpoints_dir(run) / step_dir_name(2)
+    err = capsys.readouterr().err
+    assert "WARNING: resuming from" in err and MODEL in err
+
+
+def test_a_flipped_byte_passes_the_size_check_alone(run):
+    """Sizes are always checked, contents only with verification: the documented cost of a fast load."""
+    damage(checkpoints_dir(run) / step_dir_name(4), "flip")
+    assert find_resume_checkpoint(run, SINGLE) == checkpoints_dir(run) / step_dir_name(4)
+
+
+def test_no_intact_checkpoint_and_an_incomplete_one(run):
+    """Every checkpoint damaged: one error listing each; a published directory without its manifest is incomplete;
+    `latest` naming anything but a step directory is refused."""
+    root = checkpoints_dir(run)
+    damage(root / step_dir_name(4), "delete")
+    (root / step_dir_name(2) / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*missing from the checkpoint.*manifest.json: "
+                                              r"missing; .* is not a complete checkpoint"):
+        find_resume_checkpoint(run, SINGLE, fallback=True)
+    (root / "latest").write_text("../../etc\n")
+    with pytest.raises(CheckpointError, match="names '../../etc', not a step directory"):
+        latest_checkpoint(run)
+
+
+def verify_on_two_ranks(rank: int, world_size: int, shard: str, cache: str, root: str) -> dict:
+    cfg = tiny_config(shard, cache, global_batch=8, micro=2)
+    cfg.parallel.dp, cfg.parallel.zero_stage = world_size, 1  # each rank writes its own shard files
+    cfg.train.steps, cfg.train.save_interval, cfg.train.keep_last, cfg.train.eval_interval = 4, 2, 0, 0
+    trainer = start_trainer(cfg, Path(root))
+    trainer.fit()
+    torch.distributed.barrier()
+    if rank == 0:
+        damage_file = checkpoints_dir(root) / step_dir_name(4) / "optimizer-pp00-tp00-dp01.safetensors"
+        data = bytearray(damage_file.read_bytes())
+        data[-10] ^= 0xFF
+        damage_file.write_bytes(bytes(data))
+    torch.distributed.barrier()
+    try:
+        find_resume_checkpoint(root, trainer.state, verify=True)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    picked = find_resume_checkpoint(root, trainer.state, verify=True, fallback=True)
+    return {"error": error, "picked": picked.name}
+
+
+def test_verification_is_shared_by_the_ranks_and_agreed(tmp_path, shard):
+    """ZeRO dp 2: one rank's optimizer shard corrupted; whichever rank re-hashes it, both raise the same error and
+    both fall back to the same step."""
+    per_rank = run_ranks(2, verify_on_two_ranks, *shard, str(tmp_path), timeout=300)
+    assert per_rank[0] == per_rank[1]
+    assert "optimizer-pp00-tp00-dp01.safetensors: sha256" in per_rank[0]["error"]
+    assert per_rank[0]["picked"] == step_dir_name(2)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {x["step"]: x["loss"] for x in lines if "loss" in x}
+
+
+def test_resume_fallback_from_the_command_line(tmp_path, cli_shard):  # noqa: F811
+    """A corrupt latest checkpoint: the resume stops with exit 1 naming the file; with train.resume_fallback=true
+    it resumes from the one before, and steps 5-8 equal an uninterrupted 8-step run's; inspect_checkpoint agrees."""
+    common = [*TINY, f"data.prefix={cli_shard}", "train.save_interval=2", "train.keep_last=0", "train.eval_interval=0",
+              "optim.warmup_steps=1", "optim.decay_steps=10"]
+    full = tmp_path / "full"
+    assert train([*common, "train.steps=8", f"train.run_dir={full}"], tmp_path).returncode == 0
+    run = tmp_path / "run"
+    assert train([*common, "train.steps=6", f"train.run_dir={run}"], tmp_path).returncode == 0
+    damage(checkpoints_dir(run) / step_dir_name(6), "flip")
+    again = [*common, "train.steps=8", f"train.run_dir={run}", "train.verify_checkpoint=true"]
+    r = train(again, tmp_path)
+    assert r.returncode == 1 and f"step_00000006/{MODEL}: sha256" in r.stderr, r.stderr[-2000:]
+
+    tool = [sys.executable, str(REPO / "tools" / "inspect_checkpoint.py")]
+    checked = subprocess.run([*tool, str(run), "--verify"], capture_output=True, text=True)
+    assert checked.returncode == 1 and f"{MODEL}: sha256" in checked.stderr
+    survey = subprocess.run([*tool, str(run), "--all"], capture_output=True, text=True)
+    assert survey.returncode == 0 and "step_00000006  intact (sizes)  <- latest" in survey.stdout  # sizes only
+    intact = subprocess.run([*tool, str(checkpoints_dir(run) / step_dir_name(4)), "--verify"], capture_output=True,
+                            text=True)
+    assert intact.returncode == 0 and "verified 4 files" in intact.stdout and "step 4, format 2" in intact.stdout
+
+    r = train([*again, "train.resume_fallback=true"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout and "step_00000004" in r.stdout
+    assert "WARNING: resuming from" in r.stderr
+    resumed, uninterrupted = losses(run), losses(full)
+    assert list(resumed) == [2, 4, 6, 8]  # step 6 logged once (train.log_interval=2): the first attempt's rolled back
+    assert resumed == uninterrupted
