@@ -132,6 +132,10 @@ class TrainConfig:
     resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if there is one; none: always fresh
     verify_checkpoint: bool = False  # resume: re-hash every file against the manifest's SHA-256 (sizes: always)
     resume_fallback: bool = False  # resume: a damaged latest checkpoint falls back to the newest intact one
+    async_save: bool = False  # write checkpoints in the background from a host copy (one in flight at a time)
+    # Every log_interval steps each rank's compute time per step is gathered; a rank slower than this many times
+    # the median is named as a straggler in the log and metrics.jsonl (0: not gathered).
+    straggler_ratio: float = 1.5
     init_from: str | None = None  # weights only (a checkpoint or a Hugging Face model directory); fresh optimizer
     # A step whose loss or gradient norm is not finite on any rank (docs/fault_tolerance.md): skip drops its update
     # and counts it; stop saves the last good state and exits 3. skip also stops after max_skipped_steps (0: never).
@@ -318,6 +322,8 @@ def validate(cfg: Config, world_size: int) -> None:
     check(t.eval_interval >= 0, f"train.eval_interval={t.eval_interval} must be >= 0 (0: only at the end)")
     check(t.peak_tflops is None or t.peak_tflops > 0, f"train.peak_tflops={t.peak_tflops} must be positive")
     check(t.spike_threshold > 0, f"train.spike_threshold={t.spike_threshold} must be positive")
+    check(t.straggler_ratio == 0 or t.straggler_ratio > 1,
+          f"train.straggler_ratio={t.straggler_ratio} must be above 1 (a multiple of the median), or 0 to turn it off")
     for name, value in [("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
                         ("train.keep_every", t.keep_every), ("train.max_skipped_steps", t.max_skipped_steps),
                         ("train.spike_window", t.spike_window)]:

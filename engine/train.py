@@ -256,12 +256,17 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
     placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
     if placement and rank == 0:
         warnings.warn(placement, stacklevel=1)
-    import torch.distributed as dist
-
+    from engine.parallel import comm
     from engine.training.trainer import Trainer, run_info, write_json
+    from engine.training.watchdog import Watchdog, nccl_flight_recorder_env
 
-    state = init_parallel(p.tp, p.pp, p.dp, pick_device(config.train.device), p.backend, p.timeout_s)
     run_dir = run_directory(config)
+    device = pick_device(config.train.device)
+    if device.type == "cuda":  # read when NCCL starts: its flight recorder then dumps into run_dir/faults/
+        os.environ.update(nccl_flight_recorder_env(run_dir))
+    state = init_parallel(p.tp, p.pp, p.dp, device, p.backend, p.timeout_s, checkpoint_group=config.train.async_save)
+    # A rank stuck in a collective past parallel.timeout_s, or whose peer died, ends and says what it waited on.
+    watchdog = Watchdog(state, run_dir, p.timeout_s).start() if world > 1 else None
     trainer = None
     try:
         t = config.train
@@ -278,7 +283,7 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
                       "checkpoints; this run's own replace them as it reaches their steps", file=sys.stderr)
             prepare_run_dir(run_dir, config, resume_step)
         if world > 1:
-            dist.barrier()
+            comm.barrier()
         trainer = Trainer(config, state, run_dir)
         if checkpoint is not None:
             trainer.resume(checkpoint)
@@ -302,8 +307,12 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
             where = pipeline_place(c.pp, p.pp, p.virtual_stages)
             print(f"error: rank {state.rank} of {world} ({where}, tensor rank {c.tp}, data rank {c.dp}) {what}"
                   f"{step}: {type(e).__name__}: {e}", file=sys.stderr)
+        if watchdog is not None:
+            watchdog.report(f"{type(e).__name__}: {e}")
         raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         shutdown()
 
 

@@ -21,7 +21,7 @@ def test_a_failing_last_stage_stops_every_rank_within_a_minute(tmp_path, shard):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WEFT_TEST_FAIL_RANK": "7",
            "WEFT_TEST_FAIL_STEP": "3", "WEFT_TEST_FAIL_FILE": str(marker)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8",
-           str(REPO / "tests" / "pipeline_fault.py"), *TINY, f"data.prefix={shard}", f"train.run_dir={run}",
+           str(REPO / "tests" / "fault_injection.py"), *TINY, f"data.prefix={shard}", f"train.run_dir={run}",
            "parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.sequence_parallel=true",
            "train.global_batch_size=8", "train.micro_batch_size=2", "parallel.timeout_s=45"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)

@@ -59,7 +59,8 @@ def start_trainer(cfg: Config, run_dir: Path) -> Trainer:
     fill_defaults(cfg, world)
     validate(cfg, world)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = (init_parallel(p.tp, p.pp, p.dp, torch.device("cpu"), timeout_s=120) if world > 1
+    state = (init_parallel(p.tp, p.pp, p.dp, torch.device("cpu"), timeout_s=120,
+                           checkpoint_group=cfg.train.async_save) if world > 1
              else ParallelState(tp=1, pp=1, dp=1, rank=0, device=torch.device("cpu")))
     return Trainer(cfg, state, run_dir)
 

@@ -48,7 +48,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from engine.config import Config, fill_defaults, validate  # noqa: E402
 from engine.model import GPT  # noqa: E402
-from engine.parallel.mappings import reduce_scatter_flat  # noqa: E402
+from engine.parallel.comm import reduce_scatter_flat  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.memory import model_state_bytes  # noqa: E402
 from engine.training.optimizer import param_groups  # noqa: E402

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.parallel import comm
+
 
 class _Bucket:
     """A flat gradient buffer shared by a few parameters, and the state of its all-reduce."""
@@ -24,7 +26,7 @@ class _Bucket:
         self.params = params
         self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
         self.ready = 0
-        self.handle: dist.Work | None = None
+        self.handle: comm.Handle | None = None
         offset = 0
         for p in params:
             p.grad = self.buffer[offset : offset + p.numel()].view_as(p)
@@ -70,7 +72,7 @@ class GradientAllReduce(GradientSync):
             # Start every replica from the first one's weights, whatever each rank's initialisation did.
             src = dist.get_global_rank(group, 0)
             for p in module.parameters():
-                dist.broadcast(p.data, src=src, group=group)
+                comm.broadcast(p.data, src=src, group=group)
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
@@ -85,7 +87,7 @@ class GradientAllReduce(GradientSync):
     def _launch(self, bucket: _Bucket) -> None:
         # Pre-divide and sum: gloo has no AVG reduction.
         bucket.buffer.div_(self.size)
-        bucket.handle = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+        bucket.handle = comm.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
     def finish_grad_sync(self) -> None:
         """Wait for every bucket's all-reduce (launching any whose parameters got no gradient)."""

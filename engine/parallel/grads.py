@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.parallel import comm
 from engine.parallel.layers import is_tied_copy
 from engine.parallel.mappings import tp_all_reduce_, tp_size
 
@@ -46,7 +47,7 @@ def allreduce_partial_grads(grads: Grads, group: dist.ProcessGroup | None) -> No
 
 def _allreduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
+    comm.all_reduce(flat, group=group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -60,7 +61,7 @@ def allreduce_tied_embedding_grads(grads: Grads, group: dist.ProcessGroup | None
         return
     for g, p in grads:
         if getattr(p, "tied_embedding", None):
-            dist.all_reduce(g, group=group)
+            comm.all_reduce(g, group=group)
 
 
 def grad_norm(grads: Grads, group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None = None,
@@ -78,12 +79,12 @@ def grad_norm(grads: Grads, group: dist.ProcessGroup | None, pp_group: dist.Proc
     sq = torch.stack([torch.stack(parts).sum() if parts else torch.zeros((), device=device)
                       for parts in (sharded, replicated)])
     if dp_group is not None and dist.get_world_size(dp_group) > 1:  # each shard holds its own elements
-        dist.all_reduce(sq, group=dp_group)
+        comm.all_reduce(sq, group=dp_group)
     sq_sharded, sq_replicated = sq[0].clone(), sq[1]
     tp_all_reduce_(sq_sharded, group)
     total = sq_sharded + sq_replicated
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(total, group=pp_group)
+        comm.all_reduce(total, group=pp_group)
     return total.sqrt()
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# torch >= 2.13 names the single-tensor collectives *_single (the *_tensor names warn as deprecated).
+from engine.parallel import comm
+
+# torch >= 2.13 has the single-tensor collectives for gloo (named *_single); older gloo lacks them.
 _all_gather_single = getattr(dist, "all_gather_single", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None)
 
@@ -28,22 +30,6 @@ def tp_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None,
-                    async_op: bool = False):
-    """Every rank's flat `input`, concatenated into `output` (torch's `all_gather_single`; its older name,
-    `all_gather_into_tensor`, warns on every run, so it is used only where the new one does not exist)."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(output, input, group=group, async_op=async_op)
-
-
-def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None,
-                        async_op: bool = False):
-    """The sum over ranks of flat `input`, this rank's equal chunk of it into `output` (`reduce_scatter_single`,
-    or `reduce_scatter_tensor` before it)."""
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return scatter(output, input, group=group, async_op=async_op)
-
-
 def _use_gloo_fallback(group: dist.ProcessGroup, native) -> bool:
     # Older torch's gloo has no single-tensor all-gather / reduce-scatter; NCCL always has them.
     return native is None and dist.get_backend(group) == "gloo"
@@ -52,14 +38,14 @@ def _use_gloo_fallback(group: dist.ProcessGroup, native) -> bool:
 def _all_gather_gloo(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     """All-gather along `dim` from the list all_gather that every gloo version has."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
+    comm.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
 
 
 def _reduce_scatter_gloo(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     """Reduce-scatter along `dim` as all-reduce then keep own chunk: more traffic, but only needs all_reduce."""
     total = x.clone()
-    dist.all_reduce(total, group=group)
+    comm.all_reduce(total, group=group)
     return total.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
 
@@ -70,7 +56,7 @@ def _all_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Te
     # The collective concatenates flat buffers along dim 0: gather flat, view as (world, *shape), join along `dim`.
     world = dist.get_world_size(group)
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
-    all_gather_flat(out, x.contiguous().view(-1), group=group)
+    comm.all_gather_flat(out, x.contiguous().view(-1), group=group)
     return torch.cat(out.view(world, *x.shape).unbind(0), dim=dim)
 
 
@@ -84,7 +70,7 @@ def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torc
     # The collective splits a flat buffer along dim 0: lay the chunks out rank after rank first.
     chunks = torch.stack(x.chunk(world, dim=dim))
     out = torch.empty(chunks[0].numel(), dtype=x.dtype, device=x.device)
-    reduce_scatter_flat(out, chunks.view(-1), group=group)
+    comm.reduce_scatter_flat(out, chunks.view(-1), group=group)
     return out.view(chunks.shape[1:])
 
 
@@ -99,13 +85,13 @@ def _split(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
 def tp_all_reduce_(x: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM) -> None:
     """Reduce `x` over the TP group in place (no autograd: for statistics and gradients); nothing without one."""
     if tp_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
+        comm.all_reduce(x, op=op, group=group)
 
 
 def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Sum of `x` over ranks, in a new tensor (the input may be saved by autograd or shared)."""
     out = x.clone()
-    dist.all_reduce(out, group=group)
+    comm.all_reduce(out, group=group)
     return out
 
 

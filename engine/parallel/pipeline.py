@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engine.parallel import comm
 from engine.parallel.state import ParallelState
 
 
@@ -100,8 +101,7 @@ class PipelineExchange:
             received[message] = buffer
             ops.append(dist.P2POp(dist.irecv, buffer, self._peer(message.stage), self.state.pp_group))
         try:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            comm.batch_isend_irecv(ops).wait()
         except RuntimeError as e:  # a neighbour died (connection closed) or went silent (parallel.timeout_s)
             peers = sorted({op.peer for op in ops})
             raise PipelinePeerError(f"the pipeline exchange with rank(s) {peers} failed: that neighbour failed or "

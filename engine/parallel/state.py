@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine.parallel import comm
+
 
 @dataclass(frozen=True)
 class Coords:
@@ -36,6 +38,7 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     embedding_group: dist.ProcessGroup | None = None  # first and last stage: a tied embedding's two copies
+    checkpoint_group: dist.ProcessGroup | None = None  # the world again, on gloo: asynchronous checkpoint writes
 
     @property
     def world_size(self) -> int:
@@ -99,8 +102,9 @@ def world_from_env() -> tuple[int, int]:
 
 
 def init_parallel(tp: int, pp: int, dp: int, device: torch.device, backend: str = "auto",
-                  timeout_s: float = 600.0) -> ParallelState:
-    """Join the default process group (env://) if there is more than one process, and build the mesh's groups."""
+                  timeout_s: float = 600.0, checkpoint_group: bool = False) -> ParallelState:
+    """Join the default process group (env://) if there is more than one process, and build the mesh's groups
+    (with `checkpoint_group`, also a gloo group of the world for a background checkpoint writer)."""
     rank, world = world_from_env()
     if tp * pp * dp != world:
         raise ValueError(f"tp={tp} x pp={pp} x dp={dp} != world size {world}")
@@ -109,17 +113,32 @@ def init_parallel(tp: int, pp: int, dp: int, device: torch.device, backend: str 
     state = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, device=device)
     if world == 1:
         return state
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(default_backend(device) if backend == "auto" else backend, rank=rank,
-                                world_size=world, timeout=timedelta(seconds=timeout_s))
-    timeout = timedelta(seconds=timeout_s)
+                                world_size=world, timeout=timeout, store=rendezvous_store(rank, world, timeout))
     # Every rank must create every group, in the same order.
     for kind, attr in (("tp", "tp_group"), ("dp", "dp_group"), ("pp", "pp_group"), ("embedding", "embedding_group")):
         for members in mesh_groups(state, kind):
             group = dist.new_group(members, timeout=timeout)
+            comm.name_group(group, kind)  # what fault dumps call it
             if rank in members:
                 setattr(state, attr, group)
+    if checkpoint_group:
+        state.checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+        comm.name_group(state.checkpoint_group, "checkpoint")
     return state
+
+
+def rendezvous_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The env:// store (MASTER_ADDR:MASTER_PORT; rank 0 hosts it unless torchrun's agent does), its keys kept
+    apart per torchrun attempt: a restarted attempt reusing the agent's store would otherwise read the dead
+    attempt's gloo addresses and fail to connect (torch 2.13)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=timeout, wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return dist.PrefixStore(f"weft/attempt-{attempt}", store) if attempt is not None else store
 
 
 def mesh_groups(state: ParallelState, kind: str) -> list[list[int]]:

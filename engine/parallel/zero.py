@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine.parallel import comm
 from engine.parallel.data_parallel import GradientSync
-from engine.parallel.mappings import all_gather_flat, reduce_scatter_flat
 
 
 @dataclass
@@ -150,7 +150,7 @@ class ZeroDataParallel(GradientSync):
         if self.world > 1:  # every replica starts from the first one's weights
             src = dist.get_global_rank(group, 0)
             for p in module.parameters():
-                dist.broadcast(p.data, src=src, group=group)
+                comm.broadcast(p.data, src=src, group=group)
         parts = model_parts(module)
         units = [list(dict.fromkeys(p for p in part.parameters() if p.requires_grad)) for part in parts]
         seen: set[int] = set()
@@ -214,7 +214,7 @@ class ZeroDataParallel(GradientSync):
         if self.world == 1:  # one rank: the shard is the whole bucket
             out.copy_(flat)
             return self._land_value(bucket, out)
-        handle = reduce_scatter_flat(out, flat, group=self.group, async_op=True)
+        handle = comm.reduce_scatter_flat(out, flat, group=self.group, async_op=True)
         bucket.pending.append((handle, out, flat))
         if not self.overlap:
             self._land(bucket)
@@ -256,7 +256,8 @@ class ZeroDataParallel(GradientSync):
             if b.master is not b.param_shard:
                 b.param_shard.copy_(b.master)
             if self.stage < 3 and self.world > 1:
-                handles.append(all_gather_flat(b.full, b.param_shard.clone(), group=self.group, async_op=True))
+                handles.append(comm.all_gather_flat(b.full, b.param_shard.clone(), group=self.group,
+                                                    async_op=True))
             elif self.stage == 3 and (b.full is not None or b.gathering is not None):
                 # Never left gathered across a step (it would be last step's values); normally already freed.
                 self._wait_gather(b)
@@ -274,7 +275,7 @@ class ZeroDataParallel(GradientSync):
             return
         full = torch.empty(bucket.shard_size * self.world, dtype=bucket.param_shard.dtype,
                            device=bucket.param_shard.device)
-        bucket.gathering = (all_gather_flat(full, bucket.param_shard, group=self.group, async_op=True),
+        bucket.gathering = (comm.all_gather_flat(full, bucket.param_shard, group=self.group, async_op=True),
                             full)
         if not self.overlap:
             self._wait_gather(bucket)

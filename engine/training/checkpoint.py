@@ -43,6 +43,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from engine.parallel import comm
 from engine.parallel.layers import is_tied_copy
 from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.state import ParallelState
@@ -142,7 +143,7 @@ def check_checkpoint(path: Path, state: ParallelState, verify: bool) -> str | No
         problems = [str(e)]
     if state.world_size > 1:
         every: list[list[str]] = [[] for _ in range(state.world_size)]
-        dist.all_gather_object(every, problems)
+        comm.all_gather_object(every, problems)
         problems = sorted({p for rank in every for p in rank})
     return "; ".join(problems) or None
 
@@ -166,7 +167,7 @@ def _shard_tag(state: ParallelState) -> str:
 
 def _barrier(state: ParallelState, group: dist.ProcessGroup | None = None) -> None:
     if state.world_size > 1:
-        dist.barrier(group=group)
+        comm.barrier(group=group)
 
 
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
@@ -255,7 +256,7 @@ def snapshot_checkpoint(step: int, state: ParallelState, model: torch.nn.Module,
     layout = tp_layout(model)
     if state.pp > 1:  # each stage knows its own parameters' layout; rank 0 records them all
         stages: list[dict] = [{} for _ in range(state.pp)]
-        dist.all_gather_object(stages, layout, group=state.pp_group)
+        comm.all_gather_object(stages, layout, group=state.pp_group)
         layout = {name: how for stage in stages for name, how in stage.items()}
     zero = isinstance(optimizer, ZeroOptimizer)
     files = {}
@@ -302,29 +303,34 @@ def write_checkpoint(run_dir: str | os.PathLike, snapshot: Snapshot, state: Para
             shutil.rmtree(tmp)  # a crashed earlier attempt at this step
         tmp.mkdir(parents=True)
     _barrier(state, group)
-    records = {}
-    for name, (tensors, metadata) in snapshot.tensors.items():
-        save_file(tensors, tmp / name, metadata=metadata)
-        records[name] = file_record(tmp / name)
-    if snapshot.tokenizer_file is not None:
-        shutil.copyfile(snapshot.tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
-        records["tokenizer.json"] = file_record(tmp / "tokenizer.json")
+    records, error = {}, None
+    try:
+        for name, (tensors, metadata) in snapshot.tensors.items():
+            save_file(tensors, tmp / name, metadata=metadata)
+            records[name] = file_record(tmp / name)
+        if snapshot.tokenizer_file is not None:
+            shutil.copyfile(snapshot.tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own
+            records["tokenizer.json"] = file_record(tmp / "tokenizer.json")
+    except OSError as e:  # disk full, permissions: reported to rank 0 below, so that no rank waits on this one
+        error = f"rank {state.rank}: {e}"
     if fail_after_files is not None:
         fail_after_files()  # tests: a crash in the middle of a save
-    every = [records]
+    every = [(records, error)]
     if state.world_size > 1:  # the manifest is written once every rank's files are durable
-        every = [{} for _ in range(state.world_size)] if state.rank == 0 else None
-        dist.gather_object(records, every, dst=0, group=group)
-    error = None
+        every = [None] * state.world_size if state.rank == 0 else None
+        comm.gather_object((records, error), every, dst=0, group=group)
     if state.rank == 0:
+        errors = [e for _, e in every if e is not None]
         try:
-            _publish(root, tmp, final, snapshot.meta, {k: v for r in every for k, v in r.items()}, keep_last,
-                     keep_every)
-        except OSError as e:  # disk full, permissions: every rank must hear of it rather than wait forever
-            error = f"saving {final} failed: {e}"
-    if state.world_size > 1:
+            if not errors:
+                _publish(root, tmp, final, snapshot.meta, {k: v for r, _ in every for k, v in r.items()}, keep_last,
+                         keep_every)
+        except OSError as e:
+            errors.append(f"rank 0: {e}")
+        error = f"saving {final} failed: {'; '.join(errors)}" if errors else None
+    if state.world_size > 1:  # every rank hears the outcome rather than waiting forever
         box = [error]
-        dist.broadcast_object_list(box, src=0, group=group)
+        comm.broadcast_object_list(box, src=0, group=group)
         error = box[0]
     if error is not None:
         raise CheckpointError(error)

@@ -23,6 +23,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
+from engine.parallel import comm
+
 EXIT_DIVERGED = 3  # the run stopped on non-finite values (train.nonfinite); its last good state is saved
 
 
@@ -31,7 +33,7 @@ def nonfinite_vote(loss: float, grad_norm: torch.Tensor, world: bool) -> tuple[b
     flags = torch.tensor([not math.isfinite(loss), not bool(torch.isfinite(grad_norm))], dtype=torch.int32,
                          device=grad_norm.device)
     if world and dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        comm.all_reduce(flags, op=dist.ReduceOp.MAX)
     loss_bad, norm_bad = flags.tolist()
     return bool(loss_bad), bool(norm_bad)
 

@@ -19,6 +19,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from engine.parallel import comm
+
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped before the end, checkpoint saved, run it again to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -55,7 +57,7 @@ class StopSignals:
         received = self.received
         if distributed:
             flag = torch.tensor([received], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            comm.all_reduce(flag, op=dist.ReduceOp.MAX)
             received = int(flag.item())
         return signal.Signals(received).name if received else None
 
@@ -71,7 +73,7 @@ def exit_together(code: int, distributed: bool) -> NoReturn:
     for sig in STOP_SIGNALS:  # from here a signal (srun ending the ranks after the first exit) changes nothing
         signal.signal(sig, signal.SIG_IGN)
     if distributed:
-        dist.barrier()
+        comm.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -25,6 +25,7 @@ from engine.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token
 from engine.model.gpt import GPTChunks, parameter_names
+from engine.parallel import comm
 from engine.parallel.data_parallel import GradientAllReduce, GradientSync
 from engine.parallel.grads import (
     allreduce_partial_grads,
@@ -38,7 +39,15 @@ from engine.parallel.pipeline import PipelineExchange, exchange_shape, rank_stag
 from engine.parallel.random import mix_seed
 from engine.parallel.state import ParallelState
 from engine.parallel.zero import ZeroDataParallel, ZeroOptimizer
-from engine.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from engine.training.async_checkpoint import AsyncSaver
+from engine.training.checkpoint import (
+    checkpoints_dir,
+    load_checkpoint,
+    load_weights,
+    snapshot_checkpoint,
+    step_dir_name,
+    write_checkpoint,
+)
 from engine.training.loss_scaler import DynamicLossScaler
 from engine.training.memory import estimate_memory, model_state_bytes
 from engine.training.metrics import (
@@ -62,6 +71,7 @@ from engine.training.optimizer import (
 from engine.training.preemption import EXIT_STOPPED, StopSignals
 from engine.training.reshard import TensorSource
 from engine.training.schedule import StepStats, forward_backward, forward_only, schedule_steps
+from engine.training.stragglers import StragglerWatch
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,7 +98,7 @@ def dp_mean(value: torch.Tensor, state: ParallelState) -> float:
     """Average a scalar over the data-parallel group (float64 throughout)."""
     value = value.to(torch.float64)
     if state.dp > 1:
-        dist.all_reduce(value, group=state.dp_group)
+        comm.all_reduce(value, group=state.dp_group)
         value = value / state.dp
     return value.item()
 
@@ -144,6 +154,11 @@ class Trainer:
         self.wandb_run_id: str | None = None
         self.stopped_by: str | None = None  # a signal that stopped fit() early (engine.training.preemption)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, fast_backend=False)  # checkpoints carry it
+        if t.async_save and state.world_size > 1 and state.checkpoint_group is None:
+            raise ValueError("train.async_save needs the parallel state's checkpoint group: "
+                             "init_parallel(..., checkpoint_group=True)")
+        self.saver = AsyncSaver(self.run_dir, state, t.keep_last, t.keep_every) if t.async_save else None
+        self.stragglers = StragglerWatch(state, t.straggler_ratio)
         self._build_data()
 
     # ------------------------------------------------------------------------------------------- data
@@ -182,7 +197,7 @@ class Trainer:
                                  scale_loss=scale, exchange=self.exchange, stage_of=self.stage_of,
                                  stages=self.stages, dropout_keys=keys, stats=self.last_step_stats)
         if self.state.pp > 1:  # the loss exists on the last stage; every rank reports it
-            dist.broadcast(total, src=self.state.pp_peer(self.state.pp - 1), group=self.state.pp_group)
+            comm.broadcast(total, src=self.state.pp_peer(self.state.pp - 1), group=self.state.pp_group)
         return total
 
     # ------------------------------------------------------------------------------------------- steps
@@ -299,6 +314,8 @@ class Trainer:
         try:
             with contextlib.nullcontext(stop) if stop is not None else StopSignals() as watcher:
                 self._train_loop(t, emit, logger, throughput, evaluate, can_eval, watcher)
+            if self.saver is not None:  # the run ends with its last checkpoint on disk
+                self.saver.wait()
             ok = True
         finally:
             logger.close()
@@ -317,8 +334,13 @@ class Trainer:
             evaluate()
         profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
         while self.step < t.steps:
+            comm.LOG.step = self.step + 1  # what a fault dump calls the step in progress
+            self.stragglers.start()
             with profiler.step(self.step + 1):
                 metrics = self.train_step()
+            self.stragglers.stop()
+            if self.saver is not None:
+                self.saver.poll()  # a background save that failed stops every rank here
             throughput.add(tokens_per_step)
             logger.advance(1, metrics["loss"])
             self._watch_numerics(metrics["loss"])
@@ -332,7 +354,7 @@ class Trainer:
                       "peak_memory_gib": self._peak_memory_gib(), "skipped_steps": self.skipped_steps,
                       "nonfinite_steps": self.nonfinite_steps, "loss_spikes": self.loss_spikes,
                       "model_state_bytes": sum(model_state_bytes(self.grad_syncs, self.optimizer).values()),
-                      **self.progress()})
+                      **self.stragglers.read(), **self.progress()})
             # Before evaluating: the time left after a signal (Slurm's lead or grace time) goes to the checkpoint.
             self.stopped_by = None if last else stop.requested(self.device, world > 1)
             if (can_eval and not self.stopped_by and not self.diverged
@@ -376,7 +398,7 @@ class Trainer:
         """The highest peak memory of any rank (1F1B's activations pile up on the first stage, not the logging one)."""
         peak = torch.tensor([peak_memory_gib(self.device)], dtype=torch.float64, device=self.device)
         if self.state.world_size > 1:
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            comm.all_reduce(peak, op=dist.ReduceOp.MAX)
         return peak.item()
 
     def _start_wandb(self):
@@ -392,7 +414,7 @@ class Trainer:
             self.wandb_run_id = run.run_id
         if self.state.world_size > 1:  # rank 0 writes checkpoint metadata; the logging rank may be another
             box = [self.wandb_run_id]
-            dist.broadcast_object_list(box, src=self.state.logging_rank)
+            comm.broadcast_object_list(box, src=self.state.logging_rank)
             self.wandb_run_id = box[0]
         return run
 
@@ -408,8 +430,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "wandb_run_id": self.wandb_run_id, "config": asdict(self.cfg),
                 "tokenizer": BYTE_TOKENIZER if is_byte else "tokenizer.json", "eod_id": tokenizer.eod_id}
-        return save_checkpoint(self.run_dir, self.step, self.state, self.model, self.optimizer, meta, t.keep_last,
-                               t.keep_every, None if is_byte else tokenizer.path)
+        snapshot = snapshot_checkpoint(self.step, self.state, self.model, self.optimizer, meta,
+                                       None if is_byte else tokenizer.path)
+        if self.saver is not None:  # written in the background; the next save and the end of fit() wait for it
+            self.saver.save(snapshot)
+            return checkpoints_dir(self.run_dir) / step_dir_name(self.step)
+        return write_checkpoint(self.run_dir, snapshot, self.state, t.keep_last, t.keep_every)
 
     def resume(self, path: Path) -> dict:
         """Continue exactly where the checkpoint at `path` stopped: weights, optimizer, RNG, data position."""
