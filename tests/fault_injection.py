@@ -3,8 +3,8 @@
     WEFT_TEST_FAIL_RANK, WEFT_TEST_FAIL_STEP   that rank's last model chunk raises in its second forward of that
                                                optimizer step, as an out-of-memory would (its pipeline neighbours
                                                are then inside the same schedule, waiting on it)
-    WEFT_TEST_KILL=A:R:S[,A:R:S...]            in torchrun attempt A (0: the first, 1: the first restart, ...)
-                                               rank R SIGKILLs itself as step S starts
+    WEFT_TEST_KILL=A:R:S[,A:R:S...]            in attempt A (0: the first, 1: the first torchrun restart or Slurm
+                                               requeue, ...) rank R SIGKILLs itself as step S starts
     WEFT_TEST_HANG_RANK, WEFT_TEST_HANG_STEP   that rank enters an all-reduce of that step and sleeps there
     WEFT_TEST_SLOW_SAVE_STEP                   every rank's file writes of that step's checkpoint take seconds,
                                                after WEFT_TEST_FILE says the save began (the test kills it then)
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 RANK = int(os.environ.get("RANK", "0"))
-ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0")))
 if "WEFT_TEST_STARTS" in os.environ:  # before importing torch: when the process began, not when it was ready
     with open(os.environ["WEFT_TEST_STARTS"], "a") as f:
         f.write(f"{ATTEMPT} {RANK} {time.time()}\n")

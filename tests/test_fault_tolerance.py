@@ -193,3 +193,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_every_dump_names_its_wa
     assert "fault: rank 1 (pp 0, dp 0, tp 1) at step 3: waiting in all_reduce on tp [0, 1]" in r.stderr
     assert t0 < hung_at
     assert_no_orphans(run)
+    report = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_faults.py"), str(run)],
+                            capture_output=True, text=True)
+    assert report.returncode == 0 and "4 of 4 ranks left a dump" in report.stdout, report.stderr
+    assert "rank     1 (pp 0, dp 0, tp 1) step 3: all_reduce on tp [0, 1]" in report.stdout, report.stdout

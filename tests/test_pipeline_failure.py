@@ -13,13 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.test_train_cli import REPO, TINY, shard  # noqa: F401 (shard: the CLI tests' shard fixture)
 
 
+@pytest.mark.slow  # a fault trial of 8 ranks; tests/test_fault_tolerance.py has the fast tier's
 def test_a_failing_last_stage_stops_every_rank_within_a_minute(tmp_path, shard):  # noqa: F811
     run, marker = tmp_path / "run", tmp_path / "failed_at"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WEFT_TEST_FAIL_RANK": "7",
-           "WEFT_TEST_FAIL_STEP": "3", "WEFT_TEST_FAIL_FILE": str(marker)}
+           "WEFT_TEST_FAIL_STEP": "3", "WEFT_TEST_FILE": str(marker)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8",
            str(REPO / "tests" / "fault_injection.py"), *TINY, f"data.prefix={shard}", f"train.run_dir={run}",
            "parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.sequence_parallel=true",

@@ -44,11 +44,11 @@ def job_state(env: dict[str, str], job: str) -> tuple[str, int]:
     return (state.group(1) if state else "UNKNOWN"), int(restarts.group(1)) if restarts else 0
 
 
-def submit(env: dict[str, str], workdir: Path, run_dir: Path, prefix: str, steps: int) -> str:
-    """sbatch pretrain.sbatch for 2 nodes x 1 CPU rank; returns the job id."""
+def submit(env: dict[str, str], workdir: Path, run_dir: Path, prefix: str, steps: int, extra: tuple = ()) -> str:
+    """sbatch pretrain.sbatch for 2 nodes x 1 CPU rank (`extra`: more overrides); returns the job id."""
     args = [*TINY, f"data.prefix={prefix}", f"data.cache_dir={workdir / 'cache'}", f"train.run_dir={run_dir}",
             f"train.steps={steps}", "train.log_interval=1", "train.eval_interval=0", "optim.warmup_steps=1",
-            f"optim.decay_steps={steps}"]
+            f"optim.decay_steps={steps}", *extra]
     out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                           "--gpus-per-node=0", f"--output={run_dir.parent / (run_dir.name + '-%j.out')}",
                           str(REPO / "slurm" / "pretrain.sbatch"), *args],
@@ -158,3 +158,24 @@ def test_a_failing_job_is_not_requeued(tmp_path, slurm_env):
     assert wait_done(slurm_env, job, log) == ("FAILED", 0)
     text = log.read_text()
     assert "error: invalid configuration" in text and "training exited with" in text and "requeue" not in text, text
+
+
+def test_a_job_that_loses_a_rank_is_requeued_and_resumes_exactly(tmp_path, slurm_env, uninterrupted):
+    """Rank 1 is SIGKILLed at step 120 of the first run (tests/fault_injection.py, run as the job's Python): srun
+    ends the other rank, the script requeues the job (a failure, within WEFT_MAX_REQUEUES), and the second run
+    resumes from step 100 with the uninterrupted job's losses, every step logged once."""
+    prefix, full = uninterrupted
+    python = tmp_path / "python-with-faults"  # `$WEFT_PYTHON -m engine.train ARGS` -> the injector with ARGS
+    python.write_text(f"#!/bin/sh\nshift 2\nexec {sys.executable} {REPO / 'tests' / 'fault_injection.py'} \"$@\"\n")
+    python.chmod(0o755)
+    env = {**slurm_env, "WEFT_PYTHON": str(python), "WEFT_TEST_KILL": "0:1:120",
+           "WEFT_TEST_FILE": str(tmp_path / "killed_at")}
+    run_dir = tmp_path / "killed"
+    job = submit(env, tmp_path, run_dir, prefix, STEPS, ("train.save_interval=50", "parallel.timeout_s=30"))
+    log = tmp_path / f"killed-{job}.out"
+    state, restarts = wait_done(env, job, log)
+    text = log.read_text()
+    assert (state, restarts) == ("COMPLETED", 1), text
+    assert "requeueing job" in text and "(requeue 1 of WEFT_MAX_REQUEUES=3)" in text, text
+    assert f"resuming from {run_dir / 'checkpoints' / 'step_00000100'}" in text, text
+    assert losses(run_dir) == full

@@ -173,10 +173,10 @@ class Watchdog:
         return path
 
 
-def describe_call(call) -> str:
+def describe_call(call, now: float | None = None) -> str:
     """`all_reduce on tp [2, 3] from engine.parallel.grads.grad_norm (float32 [2]), 12.0 s` for a record (a comm
-    Call, or its dict in a dump)."""
+    Call, or its dict in a dump): how long it took, or had waited by `now` (default: the present)."""
     c = call if isinstance(call, dict) else vars(call)
     tensor = f" ({c['dtype']} {c['shape']})" if c.get("shape") is not None else ""
-    waited = (c["ended"] or time.time()) - c["started"]
+    waited = (c["ended"] or now or time.time()) - c["started"]
     return f"{c['op']} on {c['group']} {c['ranks']} from {c['caller']}{tensor}, {waited:.1f} s"
