@@ -147,32 +147,33 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_resume_fallback_from_the_command_line(tmp_path, cli_shard):  # noqa: F811
-    """A corrupt latest checkpoint: the resume stops with exit 1 naming the file; with train.resume_fallback=true
-    it resumes from the one before, and steps 5-8 equal an uninterrupted 8-step run's; inspect_checkpoint agrees."""
-    common = [*TINY, f"data.prefix={cli_shard}", "train.save_interval=2", "train.keep_last=0", "train.eval_interval=0",
-              "optim.warmup_steps=1", "optim.decay_steps=10"]
-    full = tmp_path / "full"
-    assert train([*common, "train.steps=8", f"train.run_dir={full}"], tmp_path).returncode == 0
+    """An 8-step run whose last checkpoint is then corrupted: resuming it with verification stops with exit 1
+    naming the file; with train.resume_fallback=true it resumes from step 6 and redoes steps 7-8 with the first
+    run's losses, each logged once; inspect_checkpoint agrees."""
     run = tmp_path / "run"
-    assert train([*common, "train.steps=6", f"train.run_dir={run}"], tmp_path).returncode == 0
-    damage(checkpoints_dir(run) / step_dir_name(6), "flip")
-    again = [*common, "train.steps=8", f"train.run_dir={run}", "train.verify_checkpoint=true"]
-    r = train(again, tmp_path)
-    assert r.returncode == 1 and f"step_00000006/{MODEL}: sha256" in r.stderr, r.stderr[-2000:]
+    args = [*TINY, f"data.prefix={cli_shard}", "train.save_interval=2", "train.keep_last=0", "train.eval_interval=0",
+            "train.log_interval=1", "optim.warmup_steps=1", "optim.decay_steps=10", "train.steps=8",
+            f"train.run_dir={run}", "train.verify_checkpoint=true"]
+    args = [a for a in args if not a.startswith(("train.steps=6", "train.log_interval=2", "train.eval_interval=3"))]
+    assert train(args, tmp_path).returncode == 0
+    uninterrupted = losses(run)
+    damage(checkpoints_dir(run) / step_dir_name(8), "flip")
+    r = train(args, tmp_path)
+    assert r.returncode == 1 and f"step_00000008/{MODEL}: sha256" in r.stderr, r.stderr[-2000:]
 
     tool = [sys.executable, str(REPO / "tools" / "inspect_checkpoint.py")]
     checked = subprocess.run([*tool, str(run), "--verify"], capture_output=True, text=True)
     assert checked.returncode == 1 and f"{MODEL}: sha256" in checked.stderr
     survey = subprocess.run([*tool, str(run), "--all"], capture_output=True, text=True)
-    assert survey.returncode == 0 and "step_00000006  intact (sizes)  <- latest" in survey.stdout  # sizes only
-    intact = subprocess.run([*tool, str(checkpoints_dir(run) / step_dir_name(4)), "--verify"], capture_output=True,
+    assert survey.returncode == 0 and "step_00000008  intact (sizes)  <- latest" in survey.stdout  # sizes only
+    intact = subprocess.run([*tool, str(checkpoints_dir(run) / step_dir_name(6)), "--verify"], capture_output=True,
                             text=True)
-    assert intact.returncode == 0 and "verified 4 files" in intact.stdout and "step 4, format 2" in intact.stdout
+    assert intact.returncode == 0 and "verified 4 files" in intact.stdout and "step 6, format 2" in intact.stdout
 
-    r = train([*again, "train.resume_fallback=true"], tmp_path)
+    r = train([*args, "train.resume_fallback=true"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "resuming from" in r.stdout and "step_00000004" in r.stdout
+    assert "resuming from" in r.stdout and "step_00000006" in r.stdout
     assert "WARNING: resuming from" in r.stderr
-    resumed, uninterrupted = losses(run), losses(full)
-    assert list(resumed) == [2, 4, 6, 8]  # step 6 logged once (train.log_interval=2): the first attempt's rolled back
-    assert resumed == uninterrupted
+    assert losses(run) == uninterrupted  # steps 7 and 8 logged once: the first run's lines rolled back
+    rolled = [json.loads(x) for x in (run / "metrics.rolled_back.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rolled if "loss" in x] == [7, 8]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from tests.test_train_cli import REPO, TINY
 from tests.test_train_cli import shard as cli_shard  # noqa: F401 (the CLI tests' shard fixture)
 
 TIMEOUT_S = 15  # parallel.timeout_s of these runs
+HANG_TIMEOUT_S = 10  # the hang test's: it waits the whole timeout
 STEPS, SAVE_EVERY = 8, 2
 LAYOUT = ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.sequence_parallel=true"]
 OWN = {"train.steps": STEPS, "train.save_interval": SAVE_EVERY, "train.keep_last": 0, "train.eval_interval": 0,
@@ -90,6 +92,7 @@ def kill_trials(tmp_path: Path, reference, kills: list[tuple[int, int]]) -> None
         resumed_from = (step - 1) // SAVE_EVERY * SAVE_EVERY
         want = f"resuming from {checkpoints_dir(run)}/step_{resumed_from:08d}" if resumed_from else "starting fresh"
         assert want in r.stdout, f"attempt {attempt + 1} after killing rank {rank} at step {step}: {r.stdout[-2000:]}"
+        assert re.search(rf"finds lost: .*rank {rank} \(no heartbeat for", r.stderr), f"rank {rank} not named lost"
     # Every rank of a killed attempt was gone, and torchrun had started the next, within the timeout.
     last_kill = float(Path(str(run) + ".fault").read_text())
     assert min(began[len(kills)]) - last_kill < TIMEOUT_S, "the ranks outlived the kill by the timeout"
@@ -174,16 +177,18 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_every_dump_names_its_wa
     peers' collectives time out, and each rank's dump names what it waited on."""
     run = tmp_path / "run"
     t0 = time.time()
-    r = torchrun([*ARGS, "parallel.tp=2", "parallel.pp=2", f"data.prefix={cli_shard}"], run, 4, hang_rank="1",
+    args = [a for a in ARGS if not a.startswith("parallel.timeout_s=")] + [f"parallel.timeout_s={HANG_TIMEOUT_S}"]
+    r = torchrun([*args, "parallel.tp=2", "parallel.pp=2", f"data.prefix={cli_shard}"], run, 4, hang_rank="1",
                  hang_step="3")
     ended = time.time()
     assert r.returncode != 0
     hung_at = float(Path(str(run) + ".fault").read_text())
-    assert ended - hung_at < TIMEOUT_S + 30, f"the job outlived the hang by {ended - hung_at:.0f} s"
+    assert ended - hung_at < HANG_TIMEOUT_S + 30, f"the job outlived the hang by {ended - hung_at:.0f} s"
     dumps = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in (run / "faults").glob("*/rank-*.json")}
     assert sorted(dumps) == [0, 1, 2, 3], r.stderr[-3000:]
     for rank, d in dumps.items():
-        assert d["time"] - hung_at < TIMEOUT_S + 10, f"rank {rank} outlived the hang by {d['time'] - hung_at:.0f} s"
+        late = d["time"] - hung_at
+        assert late < HANG_TIMEOUT_S + 10, f"rank {rank} outlived the hang by {late:.0f} s"
         assert d["open"], f"rank {rank}'s dump names no collective it waited on: {d['error']}"
         assert d["step"] == 3
     assert dumps[1]["error"].startswith("hung: all_reduce on tp [0, 1]")
