@@ -34,5 +34,18 @@ def test_a_slow_rank_is_named_and_the_others_are_not(tmp_path):
         for r in records:
             assert r["straggler_rank"] == 1 and r["slowest_rank"] == 1, (rank, r)
             assert r["compute_s_max"] > r["compute_s_median"] + 0.25
-    off = run_ranks(2, slow_rank_1, shard, cache, str(tmp_path / "off"), 0.0)
-    assert all("straggler_rank" not in r for r in off[0])  # train.straggler_ratio=0: nothing gathered
+
+
+def test_a_zero_ratio_gathers_nothing():
+    """train.straggler_ratio=0 (or one rank): no collective, no fields."""
+    import torch
+
+    from engine.parallel.state import ParallelState
+    from engine.training.stragglers import StragglerWatch
+
+    two = ParallelState(tp=1, pp=1, dp=2, rank=0, device=torch.device("cpu"))
+    off, alone = StragglerWatch(two, 0.0), StragglerWatch(ParallelState(1, 1, 1, 0, torch.device("cpu")), 1.5)
+    for watch in (off, alone):
+        watch.start()
+        watch.stop()
+        assert watch.read() == {}
