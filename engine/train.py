@@ -307,7 +307,7 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
             where = pipeline_place(c.pp, p.pp, p.virtual_stages)
             print(f"error: rank {state.rank} of {world} ({where}, tensor rank {c.tp}, data rank {c.dp}) {what}"
                   f"{step}: {type(e).__name__}: {e}", file=sys.stderr)
-        if watchdog is not None:
+        if watchdog is not None and not isinstance(e, CheckpointError):  # that one is agreed and says it all
             watchdog.report(f"{type(e).__name__}: {e}")
         raise
     finally:
