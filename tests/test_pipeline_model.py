@@ -152,6 +152,7 @@ def test_pipeline_uneven_three_stages(shard, tmp_path):
     compare(FAST_THREE, 3, shard, tmp_path)
 
 
+@pytest.mark.slow  # 8 ranks; the fast tier trains this layout in tests/test_fault_tolerance.py
 def test_pipeline_3d_eight_ranks(shard, tmp_path):
     """tp 2 x pp 2 x dp 2 with sequence parallelism on 8 ranks."""
     compare(FAST_EIGHT, 8, shard, tmp_path)

@@ -104,7 +104,7 @@ def check_collectives_per_model(rank: int, world_size: int) -> None:
             assert dict(bwd) == {"all_reduce": layers + 1}, bwd
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_collective_counts(world):
     """Megatron's collective counts per attention block, MLP and whole model, TP 2 and 4, SP off and on."""
     run_checks(world, [check_collectives_per_layer, check_collectives_per_model])

@@ -6,6 +6,7 @@ Each check runs on every TP group the world offers: the whole world, and (with 4
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -318,5 +319,6 @@ def test_tensor_parallel_two_ranks():
     run_checks(2, CHECKS)
 
 
+@pytest.mark.slow  # the 2-rank checks run in the fast tier
 def test_tensor_parallel_four_ranks():
     run_checks(4, CHECKS)

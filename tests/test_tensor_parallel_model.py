@@ -156,6 +156,7 @@ def test_tensor_parallel_two_ranks(shard, tmp_path):
     compare(FAST_TWO, 2, shard, tmp_path)
 
 
+@pytest.mark.slow  # the 2-rank cases run in the fast tier
 def test_tensor_parallel_four_ranks(shard, tmp_path):
     """TP=4 > Llama's 2 KV heads (replicated K/V), and TP2 x DP2 with SP on 4 ranks."""
     compare(FAST_FOUR, 4, shard, tmp_path)

@@ -162,6 +162,7 @@ def test_tensor_parallel_groups_crossing_nodes_are_warned_about():
     assert "span nodes" in tp_placement_warning(4, 6)
 
 
+@pytest.mark.slow  # resharding on resume is in the fast tier in-process (test_tensor_parallel_checkpoint)
 def test_a_tensor_parallel_launch_resumes_a_single_process_run(tmp_path, shard):
     """torchrun with TP=2 (+SP) into a run directory of single-process checkpoints resumes them, resharded, says so
     once, and logs the uninterrupted single-process run's losses (rtol 1e-5)."""

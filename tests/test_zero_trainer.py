@@ -173,6 +173,7 @@ def other_layouts(rank: int, world_size: int, shard: str, cache: str, root: str)
     }
 
 
+@pytest.mark.slow  # ZeRO checkpoints also resume in the fast tier (test_zero_precision, test_checkpoint_integrity)
 def test_zero_checkpoints_resume_bitwise_and_reshard(tmp_path, shard):
     """Per-DP-rank shard files; same layout bit for bit; other DP sizes, stages, PP and no ZeRO within 1e-5;
     read whole for generation, and as init_from."""

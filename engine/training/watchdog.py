@@ -69,6 +69,7 @@ class Watchdog:
         self._prefix = f"weft/{launch_id()}"
         self._stop = threading.Event()
         self._reported = threading.Lock()
+        self._report_done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="weft-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
@@ -137,9 +138,18 @@ class Watchdog:
 
     def report(self, error: str) -> Path | None:
         """Write this rank's dump and say what it was doing, then look for lost ranks and add them; the first report
-        of a rank wins (None after). The dump comes first: the launcher may end this process at any moment."""
+        of a rank wins: a second one (the main thread's error while the watchdog thread reports a hang, or the
+        reverse) waits for it to finish, so that the process does not end in the middle of it, and returns None.
+        The dump comes first: the launcher may end this process at any moment."""
         if not self._reported.acquire(blocking=False):
+            self._report_done.wait(timeout=60)
             return None
+        try:
+            return self._report(error)
+        finally:
+            self._report_done.set()
+
+    def _report(self, error: str) -> Path | None:
         self._store_call("set", f"{self._prefix}/failed/{self.state.rank}", error[:200])
         c = self.state.coords()
         record = {"rank": self.state.rank, "world_size": self.state.world_size, "pp": c.pp, "dp": c.dp, "tp": c.tp,
