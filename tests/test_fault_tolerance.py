@@ -38,14 +38,30 @@ OWN = {"train.steps": STEPS, "train.save_interval": SAVE_EVERY, "train.keep_last
 ARGS = [a for a in TINY if a.split("=")[0] not in OWN] + [f"{k}={v}" for k, v in OWN.items()]
 
 
-def torchrun(args: list[str], run: Path, nproc: int, restarts: int = 0, **faults: str) -> subprocess.CompletedProcess:
-    """engine.train through the fault injector under torchrun; `faults` become WEFT_TEST_* variables."""
+def torchrun_job(args: list[str], run: Path, nproc: int, restarts: int = 0,
+                 **faults: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of engine.train through the fault injector under torchrun; `faults` become
+    WEFT_TEST_* variables."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WEFT_TEST_FILE": str(run) + ".fault",
            "WEFT_TEST_STARTS": str(run) + ".starts", **{f"WEFT_TEST_{k.upper()}": v for k, v in faults.items()}}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "--max-restarts", str(restarts), "--monitor-interval", "0.5", str(REPO / "tests" / "fault_injection.py"),
            *args, f"train.run_dir={run}"]
+    return cmd, env
+
+
+def torchrun(args: list[str], run: Path, nproc: int, restarts: int = 0, **faults: str) -> subprocess.CompletedProcess:
+    """Run `torchrun_job` to its end."""
+    cmd, env = torchrun_job(args, run, nproc, restarts, **faults)
     return subprocess.run(cmd, cwd=run.parent, capture_output=True, text=True, timeout=900, env=env)
+
+
+def uninterrupted(tmp_path_factory, name: str, args: list[str], nproc: int) -> dict[int, float]:
+    """The per-step losses of the run `args` on `nproc` ranks, with no fault."""
+    run = tmp_path_factory.mktemp(name) / "run"
+    r = torchrun(args, run, nproc)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return step_losses(run)
 
 
 def step_losses(run: Path) -> dict[int, float]:
@@ -73,10 +89,7 @@ def assert_no_orphans(run: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cli_shard) -> tuple[str, dict[int, float]]:  # noqa: F811
     """The uninterrupted tp2 x pp2 x dp2 run: its per-step losses."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    r = torchrun([*ARGS, *LAYOUT, f"data.prefix={cli_shard}"], run, 8)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cli_shard, step_losses(run)
+    return cli_shard, uninterrupted(tmp_path_factory, "reference", [*ARGS, *LAYOUT, f"data.prefix={cli_shard}"], 8)
 
 
 def kill_trials(tmp_path: Path, reference, kills: list[tuple[int, int]]) -> None:
@@ -119,10 +132,9 @@ SAVE_ARGS = ["parallel.dp=2"]
 
 @pytest.fixture(scope="module")
 def dp_reference(tmp_path_factory, cli_shard) -> tuple[str, dict[int, float]]:  # noqa: F811
-    run = tmp_path_factory.mktemp("dp_reference") / "run"
-    r = torchrun([*ARGS, *SAVE_ARGS, f"data.prefix={cli_shard}"], run, 2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cli_shard, step_losses(run)
+    """The uninterrupted dp2 run: its per-step losses."""
+    return cli_shard, uninterrupted(tmp_path_factory, "dp_reference", [*ARGS, *SAVE_ARGS, f"data.prefix={cli_shard}"],
+                                    2)
 
 
 def kill_during_save(tmp_path: Path, dp_reference, async_save: bool) -> None:
@@ -130,10 +142,7 @@ def kill_during_save(tmp_path: Path, dp_reference, async_save: bool) -> None:
     shard, expected = dp_reference
     run = tmp_path / "run"
     args = [*ARGS, *SAVE_ARGS, f"data.prefix={shard}", f"train.async_save={str(async_save).lower()}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WEFT_TEST_FILE": str(run) + ".fault",
-           "WEFT_TEST_SLOW_SAVE_STEP": "4"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO / "tests" / "fault_injection.py"), *args, f"train.run_dir={run}"]
+    cmd, env = torchrun_job(args, run, 2, slow_save_step="4")
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
         job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)

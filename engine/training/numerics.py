@@ -8,7 +8,8 @@ while the others skipped would drift apart silently. What happens next is `train
     skip  the update is dropped (the parameters, optimizer moments and step count stay as they were) and the step
           is counted in `nonfinite_steps` and `skipped_steps`; more than `train.max_skipped_steps` such steps stop
           the run as `stop` does
-    stop  the last good state is saved (the step before, its batch not consumed) and the run exits EXIT_DIVERGED
+    stop  the step is skipped as above and saved: the weights and optimizer state from before it, the data
+          position after its batch; then the run exits EXIT_DIVERGED
 
 fp16 is the exception: an overflowing gradient norm with a finite loss is the loss scaler's business (skip, halve
 the scale), counted in `skipped_steps` only. A loss spike - the loss above the mean of the last `spike_window`
