@@ -47,7 +47,7 @@ setup(
             "weft-build-corpus=engine.data.builtin_corpus:main",
             "weft-inspect-shards=engine.data.inspect_shards:main",
             "weft-merge-shards=engine.data.merge_shards:main",
-            "weft-train=engine.train:main",
+            "weft-train=engine.train:cli",
             "weft-compare-runs=engine.training.compare_runs:main",
         ]
     },

@@ -8,6 +8,7 @@ each naming the keys involved and a fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,6 +260,8 @@ def validate(cfg: Config, world_size: int) -> None:
                         ("train.eval_iters", t.eval_iters)]:
         check(value >= 1, f"{name}={value} must be at least 1")
     check(m.num_kv_heads is None or m.num_kv_heads >= 1, f"model.num_kv_heads={m.num_kv_heads} must be at least 1")
+    for name, value in float_settings(cfg):  # inf or nan passes every comparison below, or fails it misleadingly
+        check(math.isfinite(value), f"{name}={value} is not a finite number")
     if errors:  # the rules below divide by these
         raise ConfigError(_format(errors))
 
@@ -356,6 +359,24 @@ def zero_errors(cfg: Config) -> list[str]:
         errors.append("parallel.grad_reduce_dtype=bf16 with train.precision=fp16: reduce fp16 loss-scaled "
                       "gradients in fp32 (the default)")
     return errors
+
+
+def float_settings(node: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every float-valued setting of a config (dataclass) as (dotted key, value)."""
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out += float_settings(value, f"{path}{f.name}.")
+        elif isinstance(value, float):
+            out.append((f"{path}{f.name}", value))
+    return out
+
+
+def samples_per_split(cfg: Config) -> dict[str, int]:
+    """The samples a run draws from each split: every step's global batch, and train.eval_iters of them."""
+    g = cfg.train.global_batch_size
+    return {"train": cfg.train.steps * g, "valid": cfg.train.eval_iters * g}
 
 
 def micro_batches_per_step(cfg: Config) -> int:

@@ -35,10 +35,11 @@ from engine.config import (
     fill_defaults,
     micro_batches_per_step,
     register_configs,
+    samples_per_split,
     unknown_keys,
     validate,
 )
-from engine.data.builder import open_shard, parse_prefix
+from engine.data.builder import check_index_memory, open_shard, parse_prefix
 from engine.data.gpt_dataset import parse_split
 from engine.data.indexed_dataset import ShardFormatError
 from engine.data.tokenizer import TokenizerError, load_tokenizer
@@ -53,11 +54,15 @@ from engine.training.checkpoint import (
     read_meta,
     resolve_checkpoint,
 )
+from engine.training.memory import memory_problem
 from engine.training.numerics import EXIT_DIVERGED
 from engine.training.preemption import EXIT_STOPPED, StopSignals, exit_together
 from engine.training.reshard import TensorSource
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Hydra imports and calls whatever a `_target_` under hydra.* names (callbacks, launchers, sweepers) and logging's
+# `()` factories before any of our code runs; from the command line that takes this flag (docs/training.md).
+ALLOW_HYDRA_CODE = "--allow-hydra-callbacks"
 register_configs()
 
 
@@ -167,14 +172,18 @@ def check_environment(config: Config) -> None:
         errors.append(f"data.tokenizer: {e}")
     try:
         parse_split(config.data.split)
-        for _, prefix in parse_prefix(config.data.prefix):
-            open_shard(prefix)
+        blend = parse_prefix(config.data.prefix)
+        shards = [open_shard(prefix) for _, prefix in blend]
+        check_index_memory(shards, [w for w, _ in blend], config.data.split, config.train.seq_len,
+                           samples_per_split(config))
     except (ShardFormatError, ValueError) as e:
         errors.append(f"data: {e}")
     try:
         device = pick_device(config.train.device)
         if config.optim.impl == "fused" and device.type != "cuda":
             errors.append("optim.impl=fused needs CUDA; use optim.impl=auto (foreach on CPU)")
+        if problem := memory_problem(config, device):
+            errors.append(problem)
     except RuntimeError as e:
         errors.append(str(e))
     if config.optim.impl == "apex" and importlib.util.find_spec("apex") is None:
@@ -316,6 +325,18 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         shutdown()
 
 
+def code_running_overrides(args: list[str]) -> list[str]:
+    """The command-line overrides that would make Hydra call code: hydra.callbacks, or any `_target_` or `()` key
+    under hydra."""
+    out = []
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~").replace("/", ".")
+        parts = key.split(".")
+        if "=" in arg and parts[0] == "hydra" and ({"callbacks", "_target_", "()"} & set(parts)):
+            out.append(arg)
+    return out
+
+
 def _plain_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings for people running a job: the message, not the source line that raised it."""
     return f"warning: {message}\n"
@@ -342,5 +363,18 @@ def main(cfg: DictConfig) -> None:
             sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m engine.train` and `weft-train`: refuse overrides that run code unless allowed, then start Hydra."""
+    if ALLOW_HYDRA_CODE in sys.argv:
+        sys.argv.remove(ALLOW_HYDRA_CODE)
+    elif refused := code_running_overrides(sys.argv[1:]):
+        if world_from_env()[0] == 0:
+            print(f"error: {' '.join(refused)}: Hydra would import and call what this names at start-up; a "
+                  f"command-line override may not run code unless {ALLOW_HYDRA_CODE} is given (put trusted callbacks "
+                  "in a config file instead: configs are code, docs/training.md)", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,6 +21,7 @@ from engine.training.checkpoint import (
     checkpoints_dir,
     find_resume_checkpoint,
     latest_checkpoint,
+    read_meta,
     step_dir_name,
 )
 from tests.distributed import run_ranks
@@ -177,3 +178,134 @@ def test_resume_fallback_from_the_command_line(tmp_path, cli_shard):  # noqa: F8
     assert losses(run) == uninterrupted  # steps 7 and 8 logged once: the first run's lines rolled back
     rolled = [json.loads(x) for x in (run / "metrics.rolled_back.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rolled if "loss" in x] == [7, 8]
+
+
+def rewrite(step_dir: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint file and update the manifest to match: damage that sizes and checksums cannot see."""
+    (step_dir / name).write_bytes(data)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def edited_meta(step_dir: Path, edit) -> bytes:
+    meta = json.loads((step_dir / "meta.json").read_text())
+    return json.dumps(edit(meta)).encode()
+
+
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("meta.json", lambda d: b"[1, 2, 3]", r"meta.json: holds a JSON list, not an object"),
+    ("meta.json", lambda d: edited_meta(d, lambda m: {k: v for k, v in m.items() if k != "step"}),
+     r"meta.json: malformed \(no 'step'\)"),
+    ("meta.json", lambda d: edited_meta(d, lambda m: {**m, "step": "four"}),
+     r"meta.json: malformed \('step' is \"four\", not an integer\)"),
+    ("meta.json", lambda d: edited_meta(d, lambda m: {**m, "consumed_samples": 1.5, "config": []}),
+     r"meta.json: malformed \('consumed_samples' is 1.5, not an integer; 'config' is \[\], not an object\)"),
+    ("meta.json", lambda d: b"[" * 100_000 + b"]" * 100_000, r"meta.json: JSON nested too deeply"),
+    ("manifest.json", lambda d: b"{\"files\": " + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     r"manifest.json: JSON nested too deeply"),
+    ("rng-rank00000.safetensors", lambda d: safetensors_bytes({"cpu": torch.zeros(3, dtype=torch.uint8)}),
+     r"rng-rank00000.safetensors: not a saved random state"),
+    ("rng-rank00000.safetensors", lambda d: safetensors_bytes({"state": torch.zeros(3)}),
+     r"rng-rank00000.safetensors: not a saved random state"),
+])
+def test_malformed_metadata_names_the_file_and_falls_back(run, capsys, name, content, match):
+    """meta.json of the wrong shape, JSON nested past the parser's recursion limit, an RNG file that is no random
+    state: an error naming the file (not a KeyError or RecursionError traceback); with fallback, the step before."""
+    step = checkpoints_dir(run) / step_dir_name(4)
+    data = content(step)
+    if name == "manifest.json":
+        (step / name).write_bytes(data)
+    else:
+        rewrite(step, name, data)
+    with pytest.raises(CheckpointError, match=match) as error:
+        find_resume_checkpoint(run, SINGLE)
+    assert "train.resume_fallback=true" in str(error.value)
+    assert find_resume_checkpoint(run, SINGLE, fallback=True) == checkpoints_dir(run) / step_dir_name(2)
+    assert "WARNING: resuming from" in capsys.readouterr().err
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def test_latest_may_not_lead_outside_the_checkpoints(run, tmp_path_factory):
+    """`latest` as a symbolic link, or naming a step directory that is a link elsewhere, is refused."""
+    root = checkpoints_dir(run)
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "pointer").write_text("step_00000004\n")
+    (root / "latest").unlink()
+    (root / "latest").symlink_to(outside / "pointer")
+    with pytest.raises(CheckpointError, match=r"latest: a symbolic link .*refusing to follow it"):
+        find_resume_checkpoint(run, SINGLE)
+    (root / "latest").unlink()
+    (root / "latest").write_text("step_00000006\n")
+    (root / "step_00000006").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"names step_00000006, a symbolic link to .*outside"):
+        find_resume_checkpoint(run, SINGLE)
+
+
+def step_dirs(run_dir: Path) -> list[int]:
+    return sorted(int(d.name[5:]) for d in checkpoints_dir(run_dir).iterdir() if d.name.startswith("step_"))
+
+
+def poison(trainer) -> list[torch.Tensor]:
+    """Set the first parameter to NaN (from then on every loss is NaN and every update skipped); returns the weights
+    from before."""
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    return before
+
+
+def test_retention_keeps_the_checkpoint_a_resume_falls_back_to(tmp_path, shard):
+    """keep_last=2; step 2 damaged after its save, steps 3-4 saved with NaN weights: step 1, the newest good one,
+    survives the pruning (today it is deleted, leaving only bad ones), and a fallback resume takes it. Once a good
+    checkpoint is newer, it goes."""
+    cfg = tiny_config(*shard)
+    cfg.train.steps, cfg.train.keep_last, cfg.train.eval_interval = 6, 2, 0
+    trainer = start_trainer(cfg, tmp_path)
+    for _ in range(2):
+        trainer.train_step()
+        trainer.save()
+    damage(checkpoints_dir(tmp_path) / step_dir_name(2), "truncate")
+    good = poison(trainer)
+    for _ in range(2):
+        trainer.train_step()
+        trainer.save()
+    assert trainer.nonfinite_steps == 2
+    assert step_dirs(tmp_path) == [1, 3, 4]
+    assert read_meta(checkpoints_dir(tmp_path) / step_dir_name(4))["finite_weights"] is False
+    with pytest.raises(CheckpointError, match=r"step_00000004/meta.json: saved with non-finite \(NaN or Inf\) "
+                                              r"weights.*train.resume_fallback=true"):
+        find_resume_checkpoint(tmp_path, SINGLE)
+    assert find_resume_checkpoint(tmp_path, SINGLE, fallback=True) == checkpoints_dir(tmp_path) / step_dir_name(1)
+    with torch.no_grad():
+        for p, g in zip(trainer.model.parameters(), good, strict=True):
+            p.copy_(g)
+    trainer.train_step()
+    trainer.save()
+    assert step_dirs(tmp_path) == [4, 5]
+
+
+def test_retention_keeps_the_last_checkpoint_saved_with_a_finite_loss(tmp_path, shard):
+    """A non-finite loss skips the update (the weights stay finite): keep_last=1 keeps the newest checkpoint, which a
+    resume takes, and the newest one saved with a finite loss."""
+    cfg = tiny_config(*shard)
+    cfg.train.steps, cfg.train.keep_last, cfg.train.eval_interval = 6, 1, 0
+    trainer = start_trainer(cfg, tmp_path)
+    trainer.train_step()
+    trainer.save()
+    compute = trainer.compute_gradients
+    trainer.compute_gradients = lambda: compute() * float("nan")
+    for _ in range(2):
+        trainer.train_step()
+        trainer.save()
+    assert step_dirs(tmp_path) == [1, 3]
+    assert find_resume_checkpoint(tmp_path, SINGLE) == checkpoints_dir(tmp_path) / step_dir_name(3)
+    trainer.compute_gradients = compute
+    trainer.train_step()
+    trainer.save()
+    assert step_dirs(tmp_path) == [4]

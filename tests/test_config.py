@@ -124,6 +124,10 @@ RULES = [
     ({"parallel__zero_stage": 2, "parallel__grad_reduce_dtype": "bf16", "train__precision": "fp16"}, 1,
      "reduce fp16 loss-scaled gradients in fp32"),
     ({"parallel__bucket_size_mb": 0}, 1, "parallel.bucket_size_mb=0 must be positive"),
+    ({"optim__lr": float("inf")}, 1, "optim.lr=inf is not a finite number"),
+    ({"optim__lr": float("nan")}, 1, "optim.lr=nan is not a finite number"),
+    ({"parallel__timeout_s": float("inf")}, 1, "parallel.timeout_s=inf is not a finite number"),
+    ({"model__rope_theta": float("-inf")}, 1, "model.rope_theta=-inf is not a finite number"),
 ]
 
 

@@ -13,7 +13,14 @@ import pytest
 import engine.data.gpt_dataset as gpt_dataset
 import engine.data.index_cache as index_cache
 from engine.data.builder import build_datasets
-from engine.data.gpt_dataset import GPTDataset, epochs_needed, parse_split, split_documents
+from engine.data.gpt_dataset import (
+    GPTDataset,
+    build_sample_index,
+    epochs_needed,
+    parse_split,
+    sample_index_bytes,
+    split_documents,
+)
 from engine.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 # Token = document id * POS + position in the document, so every token names its document and its place in it.
@@ -425,3 +432,30 @@ def test_bad_lengths_rejected(tmp_path, shard):
         make_ds(indexed, (0, 60), 0, 10, seed=0, cache_dir=tmp_path / "c")
     with pytest.raises(ValueError):
         make_ds(indexed, (0, 60), 8, -1, seed=0, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize(("docs", "seq_len", "samples"), [(1000, 128, 100_000), (50, 1024, 20_000), (20_000, 32, 5000),
+                                                         (10, 4096, 3000)])
+def test_the_index_memory_estimate_bounds_the_build(docs, seq_len, samples):
+    """What the memory check counts on before building: at least the build's measured peak, at most 1.5 times it."""
+    import tracemalloc
+
+    sizes = np.random.default_rng(0).integers(5, 2000, docs)
+    tracemalloc.start()
+    build_sample_index(sizes, seq_len, samples, 1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    estimate = sample_index_bytes(docs, int(sizes.sum()), seq_len, samples)
+    assert peak <= estimate <= 1.5 * peak
+
+
+def test_an_index_too_big_for_memory_is_refused_before_building(tmp_path, monkeypatch):
+    """build_datasets checks the indices against the free memory first: a clear error, and nothing is built."""
+    import engine.data.builder as builder
+
+    prefix = write_shard(tmp_path / "s", [np.arange(100)] * 20).prefix
+    monkeypatch.setattr(builder, "available_host_memory", lambda: 2**20)
+    with pytest.raises(ValueError, match=r"sample indices for 1,000,000 train samples of 16 tokens would take "
+                                         r"[\d.]+ GiB, more than the 0.0 GiB of memory free: lower train.steps"):
+        build_datasets(prefix, "100,0,0", 16, {"train": 1_000_000}, 1, str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()

@@ -70,10 +70,14 @@ def test_run_directory_contents(tmp_path, shard):
     ("optim.impl=fused", "optim.impl=fused needs CUDA"),
     ("train.device=cuda", "train.device=cuda but no CUDA device"),
     ("kernels.backend=triton", "kernels.backend='triton'"),
+    ("optim.lr=inf", "optim.lr=inf is not a finite number"),
+    # would build a sample index of ~10^16 GiB; a Llama sample of 10^9 tokens, activations of ~10^5 GiB
+    ("train.steps=1000000000000000000000", "the sample indices for 8,000,000,000,000,000,000,000 train"),
+    ("model.arch=llama train.seq_len=1000000000", "a rank would need about"),
 ])
 def test_bad_configuration_exits_2_before_starting(tmp_path, shard, override, message):
     """Bad values, and files or devices that do not exist, exit 2 naming the key; no run directory appears."""
-    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", override], tmp_path)
+    r = train([*TINY, f"data.prefix={shard}", f"train.run_dir={tmp_path / 'run'}", *override.split()], tmp_path)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -189,3 +193,25 @@ def test_help_explains_usage_and_exit_codes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("python -m engine.train [group=option ...]")
     assert "75 stopped by SIGTERM/SIGUSR1 after a checkpoint" in r.stdout and "model: gpt2_124m" in r.stdout
+
+
+def test_hydra_overrides_that_run_code_need_a_flag(tmp_path):
+    """`+hydra.callbacks.x._target_=os.makedirs` would be called by Hydra before any of our code: refused (exit 2,
+    nothing created) unless --allow-hydra-callbacks is given, which lets it through."""
+    made = tmp_path / "made-by-a-callback"
+    args = ["+hydra.callbacks.x._target_=os.makedirs", f"+hydra.callbacks.x.name={made}", "train.dry_run=true"]
+    r = train(args, tmp_path)
+    assert r.returncode == 2 and "may not run code unless --allow-hydra-callbacks" in r.stderr, r.stderr
+    assert not made.exists()
+    train(["--allow-hydra-callbacks", *args], tmp_path)
+    assert made.is_dir()
+
+
+def test_which_hydra_overrides_count_as_code():
+    from engine.train import code_running_overrides
+
+    harmless = ["hydra.run.dir=out", "hydra/job_logging=disabled", "hydra.verbose=true", "model=llama_tiny",
+                "train.run_dir=callbacks", "~hydra.callbacks"]
+    code = ["+hydra.callbacks.a._target_=os.system", "++hydra.launcher._target_=x.y", "hydra/callbacks=mine",
+            "+hydra.job_logging.handlers.h.()=os.system"]
+    assert code_running_overrides(harmless + code) == code

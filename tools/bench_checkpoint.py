@@ -32,6 +32,7 @@ from engine.model import GPT  # noqa: E402
 from engine.parallel.state import ParallelState  # noqa: E402
 from engine.training.async_checkpoint import AsyncSaver  # noqa: E402
 from engine.training.checkpoint import (  # noqa: E402
+    Retention,
     checkpoints_dir,
     load_checkpoint,
     save_checkpoint,
@@ -81,10 +82,10 @@ def stalls(run_dir: str, model, optimizer, state: ParallelState, vocab: int, seq
     base = statistics.median(train_step(model, optimizer, vocab, seq_len) for _ in range(3))
     t0 = time.perf_counter()
     if not async_save:
-        save_checkpoint(run_dir, step, state, model, optimizer, {"config": {}}, keep_last=1)
+        save_checkpoint(run_dir, step, state, model, optimizer, {"config": {}}, Retention(keep_last=1))
         elapsed = time.perf_counter() - t0
         return elapsed, elapsed, base
-    saver = AsyncSaver(Path(run_dir), state, keep_last=1, keep_every=0)
+    saver = AsyncSaver(Path(run_dir), state, Retention(keep_last=1))
     saver.save(snapshot_checkpoint(step, state, model, optimizer, {"config": {}}))
     blocked = time.perf_counter() - t0
     during = []

@@ -31,7 +31,13 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from engine.config import ConfigError, validate  # noqa: E402
 from engine.parallel.state import ParallelState, init_parallel  # noqa: E402
-from engine.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint  # noqa: E402
+from engine.training.checkpoint import (  # noqa: E402
+    Retention,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from engine.training.reshard import CheckpointTensors, FullTensors, copy_parameters, read_whole  # noqa: E402
 from tools.bench_checkpoint import build as build_checkpointed  # noqa: E402
 from tools.bench_checkpoint import preset_config  # noqa: E402
@@ -64,7 +70,7 @@ def worker(rank: int, tp: int, port: int, args: argparse.Namespace, run_dir: str
         dist.init_process_group("gloo", rank=rank, world_size=tp, timeout=timedelta(seconds=600))
     state, model, optimizer = build(args.model, tp)
     if save:
-        save_checkpoint(run_dir, 1, state, model, optimizer, {"config": {}}, keep_last=1)
+        save_checkpoint(run_dir, 1, state, model, optimizer, {"config": {}}, Retention(keep_last=1))
     else:
         path = latest_checkpoint(run_dir)
         meta = read_meta(path)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
+
 from engine.data.blended_dataset import BlendedDataset, blend_index, normalise_weights
-from engine.data.gpt_dataset import SPLIT_NAMES, GPTDataset, split_documents
-from engine.data.index_cache import default_cache_dir
+from engine.data.gpt_dataset import SPLIT_NAMES, GPTDataset, sample_index_bytes, split_documents
+from engine.data.index_cache import available_host_memory, default_cache_dir
 from engine.data.indexed_dataset import IndexedDataset, ShardFormatError, idx_path
 
 
@@ -41,6 +44,36 @@ def open_shard(prefix: str) -> IndexedDataset:
     return IndexedDataset(prefix)
 
 
+def index_bytes(shards: Sequence[IndexedDataset], weights: Sequence[float], split: str, seq_len: int,
+                num_samples: dict[str, int]) -> int:
+    """The memory building every split's sample index (and blend index) would take, before building any."""
+    shares = normalise_weights(list(weights)) if len(shards) > 1 else [1.0]
+    total = 0
+    for name in SPLIT_NAMES:
+        n = num_samples.get(name, 0)
+        if n <= 0:
+            continue
+        for shard, share in zip(shards, shares, strict=True):
+            lo, hi = split_documents(shard.num_documents, split)[name]
+            first, last = int(shard.doc_index[lo]), int(shard.doc_index[hi])
+            tokens = int(shard.sizes[first:last].sum(dtype=np.int64))
+            total += sample_index_bytes(last - first, tokens, seq_len, max(1, math.ceil(n * share)))
+        if len(shards) > 1:
+            total += n * 9  # the blend's dataset (uint8) and sample (int64) indices
+    return total
+
+
+def check_index_memory(shards: Sequence[IndexedDataset], weights: Sequence[float], split: str, seq_len: int,
+                       num_samples: dict[str, int]) -> None:
+    """ValueError, before anything is built, when the sample indices would not fit in the host's free memory."""
+    need, free = index_bytes(shards, weights, split, seq_len, num_samples), available_host_memory()
+    if need > free:
+        counts = ", ".join(f"{n:,} {name}" for name, n in num_samples.items() if n > 0)
+        raise ValueError(f"the sample indices for {counts} samples of {seq_len:,} tokens would take "
+                         f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB of memory free: lower "
+                         "train.steps, train.global_batch_size or train.seq_len")
+
+
 def build_datasets(
     prefix: str | Sequence,
     split: str,
@@ -53,6 +86,7 @@ def build_datasets(
     blend = parse_prefix(prefix)
     shards = [open_shard(p) for _, p in blend]
     weights = [w for w, _ in blend]
+    check_index_memory(shards, weights, split, seq_len, num_samples)
     out: dict[str, GPTDataset | BlendedDataset | None] = {}
     for name in SPLIT_NAMES:
         n = num_samples.get(name, 0)

@@ -65,6 +65,18 @@ def epochs_needed(num_samples: int, tokens_per_epoch: int, seq_len: int) -> int:
     return epochs
 
 
+def sample_index_bytes(num_sequences: int, tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
+    """The peak memory `build_sample_index` takes for these sizes (its arrays and temporaries), computed first."""
+    if tokens_per_epoch <= 0 or num_samples <= 0:
+        return 0
+    epochs = epochs_needed(num_samples, tokens_per_epoch, seq_len)
+    orders = (epochs + math.ceil((seq_len + 1) / tokens_per_epoch)) * num_sequences
+    samples = math.ceil(epochs * tokens_per_epoch / seq_len) + 1
+    # per document-order entry: the int64 permutation, its int32 copy, the gathered sizes and their cumsum; per
+    # sample: starts, positions, offsets, the stacked pair, the shuffle and its concatenation
+    return orders * 28 + samples * 56
+
+
 def build_sample_index(
     sizes: np.ndarray, seq_len: int, num_samples: int, seed: int
 ) -> dict[str, np.ndarray]:

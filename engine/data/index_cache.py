@@ -43,6 +43,18 @@ def default_cache_dir(shard_prefix: str) -> Path:
     return fallback
 
 
+def available_host_memory() -> int:
+    """Bytes of host memory new allocations can take now (Linux's MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def description_hash(description: dict) -> str:
     """A stable short hash of a JSON-able description."""
     blob = json.dumps({"version": INDEX_FORMAT_VERSION, **description}, sort_keys=True).encode()

@@ -20,15 +20,15 @@ import torch.distributed as dist
 
 from engine.parallel import comm
 from engine.parallel.state import ParallelState
-from engine.training.checkpoint import Snapshot, write_checkpoint
+from engine.training.checkpoint import Retention, Snapshot, write_checkpoint
 from engine.training.reshard import CheckpointError
 
 
 class AsyncSaver:
     """One background checkpoint write at a time, for one rank of the run."""
 
-    def __init__(self, run_dir: Path, state: ParallelState, keep_last: int, keep_every: int):
-        self.run_dir, self.state, self.keep_last, self.keep_every = run_dir, state, keep_last, keep_every
+    def __init__(self, run_dir: Path, state: ParallelState, retention: Retention):
+        self.run_dir, self.state, self.retention = run_dir, state, retention
         self._thread: threading.Thread | None = None
         self._step: int | None = None  # the step being written
         self._error: BaseException | None = None
@@ -48,7 +48,7 @@ class AsyncSaver:
 
     def _write(self, snapshot: Snapshot) -> None:
         try:
-            write_checkpoint(self.run_dir, snapshot, self.state, self.keep_last, self.keep_every,
+            write_checkpoint(self.run_dir, snapshot, self.state, self.retention,
                              group=self.state.checkpoint_group)
         except BaseException as e:  # noqa: BLE001 - reported on the main thread at the next step boundary
             self._error = e

@@ -54,6 +54,7 @@ from engine.training.integrity import (
     checksum_problems,
     file_record,
     fsync_path,
+    read_json,
     read_manifest,
     write_manifest,
 )
@@ -77,6 +78,25 @@ FORMAT_VERSION = 2
 ZERO_FORMAT_VERSION = 3
 READABLE_FORMATS = (1, 2, 3)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+# meta.json fields no checkpoint is readable without, and those a resumed run reads besides (bool is no int here).
+META_FIELDS = {"format": int, "step": int, "tp": int, "pp": int, "dp": int}
+OPTIONAL_META_FIELDS = {"world_size": int, "zero_stage": int, "tp_layout": dict, "files": dict}
+RESUME_FIELDS = {"consumed_samples": int, "skipped_steps": int, "config": dict}
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which step directories a save leaves (train.keep_last, train.keep_every); `verify` is the resume's check
+    (train.verify_checkpoint), which the checkpoint kept for a fallback must pass too."""
+
+    keep_last: int = 2
+    keep_every: int = 0
+    verify: bool = False
+
+    @classmethod
+    def of(cls, train) -> Retention:
+        """The retention a TrainConfig asks for."""
+        return cls(train.keep_last, train.keep_every, train.verify_checkpoint)
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
@@ -95,10 +115,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     pointer = root / "latest"
     if not pointer.exists():
         return None
+    if pointer.is_symlink():  # we write a file; a link may lead anywhere
+        raise CheckpointError(f"{pointer}: a symbolic link (to {os.readlink(pointer)}), not the file a save writes; "
+                              "refusing to follow it")
     name = pointer.read_text().strip()
     if not STEP_DIR.match(name):  # never follow a path read from a file
         raise CheckpointError(f"{pointer}: names {name!r}, not a step directory of {root}")
-    return root / name
+    step = root / name
+    if step.is_symlink() and step.resolve().parent != root.resolve():
+        raise CheckpointError(f"{pointer}: names {name}, a symbolic link to {step.resolve()}, outside {root}; "
+                              "refusing to follow it")
+    return step
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, state: ParallelState, verify: bool = False,
@@ -115,7 +142,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, state: ParallelState, ver
     older = sorted((d for d in root.iterdir() if STEP_DIR.match(d.name) and d.name < named.name), reverse=True)
     problems = []
     for candidate in [named, *(older if fallback else [])]:
-        problem = check_checkpoint(candidate, state, verify)
+        problem = check_checkpoint(candidate, state, verify, RESUME_FIELDS)
         if problem is None:
             if problems and state.rank == 0:
                 print(f"WARNING: {'; '.join(problems)}\nWARNING: resuming from {candidate}, the newest intact "
@@ -129,16 +156,25 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, state: ParallelState, ver
     raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(problems)}")
 
 
-def check_checkpoint(path: Path, state: ParallelState, verify: bool) -> str | None:
-    """What is wrong with the checkpoint at `path` on any rank (missing or resized files; with `verify`, a file
-    whose SHA-256 differs from the manifest, each rank re-hashing its share), or None; the same on every rank."""
+def check_checkpoint(path: Path, state: ParallelState, verify: bool, fields: dict[str, type] | None = None
+                     ) -> str | None:
+    """What is wrong with the checkpoint at `path` on any rank, or None; the same on every rank.
+
+    Missing or resized files, malformed metadata (and missing `fields`), weights saved non-finite, this rank's
+    random state unreadable; with `verify`, a file whose SHA-256 differs from the manifest (each rank re-hashing
+    its share).
+    """
     problems = []
     try:
-        read_meta(path)
+        meta = read_meta(path, fields)
+        if meta.get("finite_weights") is False:
+            problems.append(f"{path / 'meta.json'}: saved with non-finite (NaN or Inf) weights")
+        if (meta["tp"], meta["pp"], meta["dp"]) == (state.tp, state.pp, state.dp):
+            read_rng_state(path / f"rng-rank{state.rank:05d}.safetensors")
         records = read_manifest(path) if verify else None
         if records is not None:
             names = sorted(records)[state.rank::state.world_size]
-            problems = checksum_problems(path, records, names)
+            problems += checksum_problems(path, records, names)
     except CheckpointError as e:
         problems = [str(e)]
     if state.world_size > 1:
@@ -259,7 +295,7 @@ def snapshot_checkpoint(step: int, state: ParallelState, model: torch.nn.Module,
         comm.all_gather_object(stages, layout, group=state.pp_group)
         layout = {name: how for stage in stages for name, how in stage.items()}
     zero = isinstance(optimizer, ZeroOptimizer)
-    files = {}
+    files, weights = {}, {}
     if zero or state.dp_rank == 0:
         weights, states, pieces = _saved_tensors(model, optimizer)
         if zero:  # each DP rank its own shard; the metadata says where each piece goes
@@ -270,24 +306,34 @@ def snapshot_checkpoint(step: int, state: ParallelState, model: torch.nn.Module,
     files[f"rng-rank{state.rank:05d}.safetensors"] = (_rng_tensors(), None)
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)  # the pinned host copies have landed
+    finite = _all_finite(weights.values(), state)
     if state.rank != 0:
         return Snapshot(step, files, {})
     meta = {"format": ZERO_FORMAT_VERSION if zero else FORMAT_VERSION, "step": step, "world_size": state.world_size,
-            "tp": state.tp, "pp": state.pp, "dp": state.dp, **meta, "tp_layout": layout,
+            "tp": state.tp, "pp": state.pp, "dp": state.dp, **meta, "tp_layout": layout, "finite_weights": finite,
             "zero_stage": optimizer.chunks[0].stage if zero else 0, "manifest": MANIFEST}
     return Snapshot(step, files, meta, tokenizer_file)
 
 
+def _all_finite(tensors, state: ParallelState) -> bool:
+    """Whether every rank's `tensors` hold only finite values (every rank calls this)."""
+    finite = torch.tensor([all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())],
+                          dtype=torch.int32, device=state.device)
+    if state.world_size > 1:
+        comm.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: ParallelState, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, meta: dict, keep_last: int = 2, keep_every: int = 0,
+                    optimizer: torch.optim.Optimizer, meta: dict, retention: Retention = Retention(),
                     tokenizer_file: str | os.PathLike | None = None) -> Path:
     """Write step `step` (every rank calls this); returns the published step directory."""
     snapshot = snapshot_checkpoint(step, state, model, optimizer, meta, tokenizer_file)
-    return write_checkpoint(run_dir, snapshot, state, keep_last, keep_every)
+    return write_checkpoint(run_dir, snapshot, state, retention)
 
 
-def write_checkpoint(run_dir: str | os.PathLike, snapshot: Snapshot, state: ParallelState, keep_last: int = 2,
-                     keep_every: int = 0, group: dist.ProcessGroup | None = None,
+def write_checkpoint(run_dir: str | os.PathLike, snapshot: Snapshot, state: ParallelState,
+                     retention: Retention = Retention(), group: dist.ProcessGroup | None = None,
                      fail_after_files: Callable[[], None] | None = None) -> Path:
     """Put every rank's snapshot on disk as one step directory, published atomically (every rank calls this).
 
@@ -323,8 +369,7 @@ def write_checkpoint(run_dir: str | os.PathLike, snapshot: Snapshot, state: Para
         errors = [e for _, e in every if e is not None]
         try:
             if not errors:
-                _publish(root, tmp, final, snapshot.meta, {k: v for r, _ in every for k, v in r.items()}, keep_last,
-                         keep_every)
+                _publish(root, tmp, final, snapshot.meta, {k: v for r, _ in every for k, v in r.items()}, retention)
         except OSError as e:
             errors.append(f"rank 0: {e}")
         error = f"saving {final} failed: {'; '.join(errors)}" if errors else None
@@ -337,8 +382,7 @@ def write_checkpoint(run_dir: str | os.PathLike, snapshot: Snapshot, state: Para
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, meta: dict, records: dict[str, dict], keep_last: int,
-             keep_every: int) -> None:
+def _publish(root: Path, tmp: Path, final: Path, meta: dict, records: dict[str, dict], retention: Retention) -> None:
     """Rank 0: write meta.json, then the manifest over every file, rename the directory, then move `latest`."""
     # The sizes in meta.json are for readers from before manifests; the manifest is what completes a step.
     meta = {**meta, "files": {name: r["bytes"] for name, r in sorted(records.items())}}
@@ -354,36 +398,62 @@ def _publish(root: Path, tmp: Path, final: Path, meta: dict, records: dict[str, 
     fsync_path(pointer)
     os.replace(pointer, root / "latest")
     fsync_path(root)
-    prune(root, keep_last, keep_every)
+    prune(root, retention, fresh=final)
 
 
-def prune(root: Path, keep_last: int, keep_every: int) -> None:
-    """Delete step directories beyond the newest `keep_last`, except multiples of `keep_every` and `latest`."""
+def prune(root: Path, retention: Retention, fresh: Path | None = None) -> None:
+    """Delete step directories beyond the newest `keep_last`, except multiples of `keep_every`, `latest`, and the
+    two a resume needs when newer ones are damaged or were saved non-finite: the newest that a fallback resume
+    would take (intact, finite weights) and the newest also saved with a finite loss. `fresh`, just written and
+    hashed, needs no re-hashing."""
     steps = sorted(int(m.group(1)) for d in root.iterdir() if (m := STEP_DIR.match(d.name)))
     latest = (root / "latest").read_text().strip()
-    keep = set(steps[-keep_last:]) if keep_last > 0 else set(steps)
-    if keep_every > 0:
-        keep |= {s for s in steps if s % keep_every == 0}
+    keep = set(steps[-retention.keep_last:]) if retention.keep_last > 0 else set(steps)
+    if retention.keep_every > 0:
+        keep |= {s for s in steps if s % retention.keep_every == 0}
+    if retention.keep_last > 0:
+        keep |= _fallback_steps(root, steps, retention.verify, fresh)
     for s in steps:
         if s not in keep and step_dir_name(s) != latest:
             shutil.rmtree(root / step_dir_name(s))
 
 
-def read_meta(path: Path) -> dict:
-    """meta.json of a step directory, with the manifest's files (or, before manifests, meta.json's) checked present
-    and of their recorded sizes."""
+def _fallback_steps(root: Path, steps: list[int], verify: bool, fresh: Path | None) -> set[int]:
+    """The newest step a fallback resume would take, and the newest good one (finite loss too), newest first."""
+    resumable = good = None
+    for s in reversed(steps):
+        path = root / step_dir_name(s)
+        try:
+            meta = read_meta(path, RESUME_FIELDS)
+            records = read_manifest(path) if verify and path != fresh else None
+            if records is not None and checksum_problems(path, records, sorted(records)):
+                continue
+        except CheckpointError:
+            continue
+        if meta.get("finite_weights") is False:
+            continue
+        resumable = s if resumable is None else resumable
+        if meta.get("finite_loss") is not False:
+            good = s
+            break
+    return {s for s in (resumable, good) if s is not None}
+
+
+def read_meta(path: Path, fields: dict[str, type] | None = None) -> dict:
+    """meta.json of a step directory, its fields checked (the readable layout's, and `fields`), with the manifest's
+    files (or, before manifests, meta.json's) checked present and of their recorded sizes."""
     records = read_manifest(path)
     if records is not None:
         check_sizes(path, {"meta.json": records["meta.json"]["bytes"]} if "meta.json" in records else {})
     meta_file = path / "meta.json"
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = read_json(meta_file)
     except FileNotFoundError:
         raise CheckpointError(f"{meta_file}: missing; {path} is not a complete checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_file}: not valid JSON ({e}); the checkpoint is damaged") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_file}: not a JSON object; the checkpoint is damaged")
+        raise CheckpointError(f"{meta_file}: holds a JSON {type(meta).__name__}, not an object; the checkpoint is "
+                              "damaged")
+    _check_fields(meta, meta_file, records is None, fields or {})
     if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{meta_file}: checkpoint format {meta.get('format')}, this version reads "
                               f"{', '.join(map(str, READABLE_FORMATS))}")
@@ -392,6 +462,36 @@ def read_meta(path: Path) -> dict:
                               "finish)")
     check_sizes(path, {n: r["bytes"] for n, r in records.items()} if records is not None else meta["files"])
     return meta
+
+
+def _check_fields(meta: dict, meta_file: Path, without_manifest: bool, fields: dict[str, type]) -> None:
+    """CheckpointError naming every field of meta.json that is missing or of the wrong type."""
+    required = {**META_FIELDS, **fields, **({"files": dict} if without_manifest else {})}
+    problems = [f"no {name!r}" for name in required if name not in meta]
+    for name, kind in {**OPTIONAL_META_FIELDS, **required}.items():
+        value = meta.get(name)
+        if name in meta and (not isinstance(value, kind) or isinstance(value, bool)):
+            problems.append(f"{name!r} is {json.dumps(value)[:40]}, not {'an integer' if kind is int else 'an object'}")
+    if not problems:
+        negative = [name for name in ("step", "tp", "pp", "dp") if meta[name] < (0 if name == "step" else 1)]
+        problems = [f"{name!r} is {meta[name]}, below {0 if name == 'step' else 1}" for name in negative]
+    if problems:
+        raise CheckpointError(f"{meta_file}: malformed ({'; '.join(problems)}); the checkpoint is damaged")
+
+
+def read_rng_state(path: Path) -> dict[str, torch.Tensor]:
+    """One rank's saved random states, checked to be what torch's generators take."""
+    rng_state = _load_tensors(path)
+    cpu = rng_state.get("cpu")
+    expected = torch.get_rng_state()
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.shape != expected.shape:
+        raise CheckpointError(f"{path}: not a saved random state (its 'cpu' entry should be {expected.numel()} bytes "
+                              f"of torch.uint8); the checkpoint is damaged")
+    cuda = rng_state.get("cuda")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 2):
+        raise CheckpointError(f"{path}: its 'cuda' random states are not rows of torch.uint8; the checkpoint is "
+                              "damaged")
+    return rng_state
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -464,7 +564,7 @@ def load_checkpoint(path: Path, state: ParallelState, model: torch.nn.Module, op
     load_weights(CheckpointTensors(path, "model", meta), model, optimizer, state.tp_group, expected)
     _load_optimizer(CheckpointTensors(path, "optimizer", meta), model, optimizer, state.tp_group, expected)
     if (meta["tp"], meta["pp"], meta["dp"]) == (state.tp, state.pp, state.dp):
-        rng_state = _load_tensors(path / f"rng-rank{state.rank:05d}.safetensors")
+        rng_state = read_rng_state(path / f"rng-rank{state.rank:05d}.safetensors")
         torch.set_rng_state(rng_state["cpu"])
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng_state["cuda"]))

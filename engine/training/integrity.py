@@ -54,15 +54,23 @@ def write_manifest(step_dir: Path, records: dict[str, FileRecord]) -> None:
     fsync_path(path)
 
 
+def read_json(path: Path):
+    """A checkpoint's JSON file, parsed; CheckpointError naming it when it is not JSON (FileNotFoundError passes)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    except RecursionError:  # json's parser recurses per nesting level
+        raise CheckpointError(f"{path}: JSON nested too deeply to be ours; the checkpoint is damaged") from None
+
+
 def read_manifest(step_dir: Path) -> dict[str, FileRecord] | None:
     """The manifest's file records, or None when the directory has no manifest."""
     path = step_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path)
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
                                               and isinstance(r.get(ALGORITHM), str) for r in files.values()):

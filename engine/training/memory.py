@@ -28,9 +28,12 @@ schedule's own action list (engine.training.schedule), so estimate and executor 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.config import Config, micro_batches_per_step
+from engine.data.index_cache import available_host_memory
 from engine.model.flops import parameters_per_rank
 from engine.parallel.pipeline import rank_stages, stage_layers
 from engine.training.schedule import schedule_actions
@@ -79,6 +82,26 @@ def estimate_memory(cfg: Config) -> list[dict]:
         row["total_gib"] = row["parameters_gib"] + row["gradients_gib"] + row["optimizer_gib"] + row["activations_gib"]
         out.append(row)
     return out
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory one rank may count on: its GPU's, or on CPU its share of the host's free memory (the node's
+    ranks, LOCAL_WORLD_SIZE, share it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return available_host_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def memory_problem(cfg: Config, device: torch.device) -> str | None:
+    """Why this run cannot fit on `device` by the estimate (a rank's model states and activations), or None."""
+    need = max(row["total_gib"] for row in estimate_memory(cfg)) * GIB
+    have = device_memory_bytes(device)
+    if need <= have:
+        return None
+    where = "GPU memory" if device.type == "cuda" else "free host memory per rank"
+    return (f"a rank would need about {need / GIB:,.1f} GiB (train.dry_run=true itemises it), more than the "
+            f"{have / GIB:,.1f} GiB of {where}: lower train.seq_len or train.micro_batch_size, recompute "
+            "(model.recompute=full), or split the model further (parallel.tp, parallel.pp, parallel.zero_stage)")
 
 
 def predict_model_state_bytes(params: int, stage: int, dp: int, precision: str, offload: str = "none") -> dict:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import engine
-from engine.config import Config
+from engine.config import Config, samples_per_split
 from engine.data.builder import build_datasets
 from engine.data.sampler import BatchSampler
 from engine.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
@@ -41,6 +41,7 @@ from engine.parallel.state import ParallelState
 from engine.parallel.zero import ZeroDataParallel, ZeroOptimizer
 from engine.training.async_checkpoint import AsyncSaver
 from engine.training.checkpoint import (
+    Retention,
     checkpoints_dir,
     load_checkpoint,
     load_weights,
@@ -150,6 +151,7 @@ class Trainer:
         self.loss_spikes = 0
         self.spikes = SpikeDetector(t.spike_window, t.spike_threshold)
         self.fault: str | None = None  # what was not finite in the last step
+        self.last_loss = 0.0  # the last step's loss (a checkpoint records whether it was finite)
         self.diverged: str | None = None  # why fit() stopped for non-finite values (train.nonfinite)
         self.wandb_run_id: str | None = None
         self.stopped_by: str | None = None  # a signal that stopped fit() early (engine.training.preemption)
@@ -157,7 +159,7 @@ class Trainer:
         if t.async_save and state.world_size > 1 and state.checkpoint_group is None:
             raise ValueError("train.async_save needs the parallel state's checkpoint group: "
                              "init_parallel(..., checkpoint_group=True)")
-        self.saver = AsyncSaver(self.run_dir, state, t.keep_last, t.keep_every) if t.async_save else None
+        self.saver = AsyncSaver(self.run_dir, state, Retention.of(t)) if t.async_save else None
         self.stragglers = StragglerWatch(state, t.straggler_ratio)
         self._build_data()
 
@@ -165,11 +167,9 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, state = self.cfg, self.state
         g = cfg.train.global_batch_size
-        wanted = {"train": cfg.train.steps * g, "valid": cfg.train.eval_iters * g}
-
         # Every rank asks; the index cache's file lock lets the first build while the others wait, then map.
-        datasets = build_datasets(cfg.data.prefix, cfg.data.split, cfg.train.seq_len, wanted, cfg.train.seed,
-                                  cfg.data.cache_dir)
+        datasets = build_datasets(cfg.data.prefix, cfg.data.split, cfg.train.seq_len, samples_per_split(cfg),
+                                  cfg.train.seed, cfg.data.cache_dir)
         self.train_data, self.valid_data = datasets["train"], datasets.get("valid")
         mbs = cfg.train.micro_batch_size
         self.train_sampler = BatchSampler(len(self.train_data), g, mbs, state.dp_rank, state.dp)
@@ -205,6 +205,7 @@ class Trainer:
         """One optimizer step over one global batch; returns its metrics."""
         loss = self.compute_gradients()
         lr, norm = self.apply_gradients(loss)
+        self.last_loss = loss
         return {"loss": loss, "lr": lr, "grad_norm": norm}
 
     def compute_gradients(self) -> float:
@@ -425,6 +426,7 @@ class Trainer:
         tokenizer = self.tokenizer
         is_byte = tokenizer.name == BYTE_TOKENIZER
         meta = {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps,
+                "finite_loss": math.isfinite(self.last_loss),  # retention keeps a checkpoint from before NaNs
                 "nonfinite_steps": self.nonfinite_steps, "loss_spikes": self.loss_spikes,
                 "loss_window": self.spikes.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -435,7 +437,7 @@ class Trainer:
         if self.saver is not None:  # written in the background; the next save and the end of fit() wait for it
             self.saver.save(snapshot)
             return checkpoints_dir(self.run_dir) / step_dir_name(self.step)
-        return write_checkpoint(self.run_dir, snapshot, self.state, t.keep_last, t.keep_every)
+        return write_checkpoint(self.run_dir, snapshot, self.state, Retention.of(t))
 
     def resume(self, path: Path) -> dict:
         """Continue exactly where the checkpoint at `path` stopped: weights, optimizer, RNG, data position."""
