@@ -48,6 +48,7 @@ setup(
             "weft-inspect-shards=engine.data.inspect_shards:main",
             "weft-merge-shards=engine.data.merge_shards:main",
             "weft-train=engine.train:cli",
+            "weft-launch=engine.launch:main",
             "weft-compare-runs=engine.training.compare_runs:main",
         ]
     },

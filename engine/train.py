@@ -43,6 +43,7 @@ from engine.data.builder import check_index_memory, open_shard, parse_prefix
 from engine.data.gpt_dataset import parse_split
 from engine.data.indexed_dataset import ShardFormatError
 from engine.data.tokenizer import TokenizerError, load_tokenizer
+from engine.launch import record_exit, recorded_exit
 from engine.parallel.pipeline import PipelinePeerError, pipeline_place
 from engine.parallel.state import init_parallel, pick_device, shutdown, world_from_env
 from engine.training.checkpoint import (
@@ -357,6 +358,7 @@ def main(cfg: DictConfig) -> None:
                 print(f"error: {e}", file=sys.stderr)
             else:  # torchrun stops every rank when one exits: let rank 0 say it first
                 time.sleep(2.0)
+            record_exit(2)
             sys.exit(2)
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -365,6 +367,11 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """`python -m engine.train` and `weft-train`: refuse overrides that run code unless allowed, then start Hydra."""
+    earlier = recorded_exit()
+    if earlier is not None:  # a restart by engine.launch after a stop or a refused config would only repeat it
+        if world_from_env()[0] == 0:
+            print(f"note: this launch's ranks already ended with exit {earlier}; not restarting", file=sys.stderr)
+        sys.exit(earlier)
     if ALLOW_HYDRA_CODE in sys.argv:
         sys.argv.remove(ALLOW_HYDRA_CODE)
     elif refused := code_running_overrides(sys.argv[1:]):
@@ -372,6 +379,7 @@ def cli() -> None:
             print(f"error: {' '.join(refused)}: Hydra would import and call what this names at start-up; a "
                   f"command-line override may not run code unless {ALLOW_HYDRA_CODE} is given (put trusted callbacks "
                   "in a config file instead: configs are code, docs/training.md)", file=sys.stderr)
+        record_exit(2)
         sys.exit(2)
     main()
 

@@ -14,23 +14,30 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
+from engine.launch import record_exit
 from engine.parallel import comm
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped before the end, checkpoint saved, run it again to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A repeat this soon is the same request delivered twice (`scancel` signals every process of the step, and the
+# launcher passes its own copy on), not a second one.
+REPEAT_WINDOW_S = 5.0
 
 
 class StopSignals:
     """While inside, SIGTERM and SIGUSR1 request a stop instead of killing the process (main thread only); a second
-    one before the stop kills it the default way, for a run that hangs (or a user who means it)."""
+    one before the stop (REPEAT_WINDOW_S after the first or later) kills it the default way, for a run that hangs
+    (or a user who means it)."""
 
     def __init__(self):
         self.received = 0  # the signal number, 0 for none
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -45,11 +52,13 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if self.received and time.monotonic() - self._received_at < REPEAT_WINDOW_S:
+            return
         if self.received:
             print(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint", file=sys.stderr)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
 
     def requested(self, device: torch.device, distributed: bool) -> str | None:
         """The name of a stop signal that any rank received, or None; with `distributed`, a collective that every
@@ -74,6 +83,7 @@ def exit_together(code: int, distributed: bool) -> NoReturn:
         signal.signal(sig, signal.SIG_IGN)
     if distributed:
         comm.barrier()
+    record_exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
