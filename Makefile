@@ -15,7 +15,7 @@ TP ?=
 SP ?=
 ARGS ?=
 # The demo's training command, for $(RANKS) ranks into $(1); TP / SP, when set, override the parallel group.
-TRAIN_DEMO = OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(RANKS) -m engine.train \
+TRAIN_DEMO = OMP_NUM_THREADS=1 $(PY) -m engine.launch --standalone --nproc-per-node $(RANKS) -m engine.train \
 	train=demo optim=adamw_small data.prefix=$(RUN)/shards/stdlib data.tokenizer=$(RUN)/tokenizer \
 	$(if $(TP),parallel.tp=$(TP)) $(if $(SP),parallel.sequence_parallel=$(SP)) \
 	train.run_dir=$(1) train.resume=none logging.wandb=true logging.wandb_mode=offline $(ARGS)
