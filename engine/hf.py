@@ -27,6 +27,7 @@ from engine.config import ModelConfig
 from engine.data.tokenizer import BYTE_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, TokenizerError
 from engine.inference import checkpoint_model_config, checkpoint_tokenizer
 from engine.training.checkpoint import FORMAT_VERSION, CheckpointError, load_full_weights, read_meta, resolve_checkpoint
+from engine.training.integrity import honour_umask
 from engine.training.reshard import FullTensors
 
 try:
@@ -204,12 +205,15 @@ def byte_tokenizer_as_hf() -> Tokenizer:
     return tok
 
 
-def save_hf_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, eod_id: int, output: str | os.PathLike) -> None:
-    """Write `tokenizer` where AutoTokenizer.from_pretrained(output) loads it, end-of-document as EOS and BOS."""
+def save_hf_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, eod_id: int, output: str | os.PathLike,
+                      max_length: int | None = None) -> None:
+    """Write `tokenizer` where AutoTokenizer.from_pretrained(output) loads it, end-of-document as EOS and BOS, and
+    `max_length` (the model's context) as its model_max_length."""
     backend = byte_tokenizer_as_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer.hf
     eod = backend.id_to_token(eod_id)
+    limit = {} if max_length is None else {"model_max_length": max_length}  # else transformers' "no limit", 1e30
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eod, bos_token=eod,
-                            clean_up_tokenization_spaces=False).save_pretrained(output)
+                            clean_up_tokenization_spaces=False, **limit).save_pretrained(output)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
@@ -225,7 +229,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) 
     hf_model.load_state_dict(hf_state, strict=True, assign=True)
     hf_model.tie_weights()
     hf_model.save_pretrained(output)
-    save_hf_tokenizer(tokenizer, meta["eod_id"], output)
+    context = config.n_positions if isinstance(config, GPT2Config) else config.max_position_embeddings
+    save_hf_tokenizer(tokenizer, meta["eod_id"], output, context)
+    for f in Path(output).iterdir():
+        if f.is_file():
+            honour_umask(f)
     return Path(output)
 
 
@@ -252,6 +260,7 @@ def import_model(hf_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(state, tmp / "model-pp00-tp00.safetensors")
+    honour_umask(tmp / "model-pp00-tp00.safetensors")
     tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
     files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
     # What read_meta and the loaders need; no optimizer state, so it serves train.init_from, not a resume.

@@ -215,3 +215,21 @@ def test_which_hydra_overrides_count_as_code():
     code = ["+hydra.callbacks.a._target_=os.system", "++hydra.launcher._target_=x.y", "hydra/callbacks=mine",
             "+hydra.job_logging.handlers.h.()=os.system"]
     assert code_running_overrides(harmless + code) == code
+
+
+def test_checkpoints_and_exports_follow_the_umask(tmp_path, shard):
+    """Under umask 027 every checkpoint and export file is 0640: group-readable on a shared file system (safetensors
+    alone writes 0600), and no more than the umask allows."""
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    script = (f"umask 027 && {sys.executable} -m engine.train {' '.join(TINY)} data.prefix={shard} "
+              f"train.run_dir={run} && {sys.executable} {REPO / 'tools' / 'export_hf.py'} --checkpoint {run} "
+              f"--output {hf}")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = [f for f in (run / "checkpoints").rglob("*") if f.is_file()] + [f for f in hf.iterdir() if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files) and any(f.parent == hf for f in files)
+    modes = {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o640"}, modes
+    tok = json.loads((hf / "tokenizer_config.json").read_text())
+    assert tok["model_max_length"] == 64  # model.max_seq_len, not transformers' "no limit"

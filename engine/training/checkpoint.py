@@ -54,6 +54,7 @@ from engine.training.integrity import (
     checksum_problems,
     file_record,
     fsync_path,
+    honour_umask,
     read_json,
     read_manifest,
     write_manifest,
@@ -353,6 +354,7 @@ def write_checkpoint(run_dir: str | os.PathLike, snapshot: Snapshot, state: Para
     try:
         for name, (tensors, metadata) in snapshot.tensors.items():
             save_file(tensors, tmp / name, metadata=metadata)
+            honour_umask(tmp / name)
             records[name] = file_record(tmp / name)
         if snapshot.tokenizer_file is not None:
             shutil.copyfile(snapshot.tokenizer_file, tmp / "tokenizer.json")  # a checkpoint is usable on its own

@@ -23,6 +23,29 @@ _CHUNK = 16 * 2**20
 FileRecord = dict  # {"bytes": int, "sha256": str}
 
 
+def _process_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask alone must set one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()
+
+
+def honour_umask(path: Path) -> None:
+    """Give a file the mode the umask asks for: safetensors writes 0600 whatever it is, which locks a shared run's
+    teammates out of its checkpoints and exports."""
+    os.chmod(path, 0o666 & ~UMASK)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's (or a directory's entries') data to stable storage."""
     fd = os.open(path, os.O_RDONLY)
