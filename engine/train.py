@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -52,6 +53,7 @@ from engine.training.checkpoint import (
     checkpoints_dir,
     find_resume_checkpoint,
     is_hf_model_dir,
+    latest_checkpoint,
     read_meta,
     resolve_checkpoint,
 )
@@ -161,9 +163,44 @@ def model_vocab_size(config: Config) -> int | None:
                           "model.vocab_size") from None
 
 
-def check_environment(config: Config) -> None:
-    """What the configuration names must exist: the shards, the device, optional packages. Raises ConfigError."""
+# The model settings that shape a checkpoint's parameters (gpt2 adds its position table, max_seq_len).
+SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+              "tie_embeddings")
+
+
+def resume_model_problem(config: Config, run_dir: Path) -> str | None:
+    """Why train.resume=auto cannot continue run_dir's latest checkpoint with this model - what the checkpoint
+    holds and the overrides that match it - or None (a damaged checkpoint is the resume's own check to report)."""
+    try:
+        step = latest_checkpoint(run_dir)
+        saved = read_meta(step)["config"]["model"] if step is not None else None
+    except (CheckpointError, KeyError, TypeError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    ours = asdict(config.model)
+    keys = SHAPE_KEYS + (("max_seq_len",) if saved.get("arch") == "gpt2" else ())
+    differ = [k for k in keys if k in saved and saved[k] != ours[k]]
+    if not differ:
+        return None
+
+    def describe(m: dict) -> str:
+        return f"{m.get('name')!r}: " + ", ".join(f"{k} {m.get(k)}" for k in differ)
+
+    name = saved.get("name")
+    preset = f"model={name} " if name and (Path(CONF_DIR) / "model" / f"{name}.yaml").exists() else ""
+    overrides = " ".join(f"model.{k}={json.dumps(saved[k])}" for k in differ)
+    return (f"{run_dir} holds a checkpoint ({step.name}) of another model: {describe(saved)}; this run's is "
+            f"{describe(ours)}. To resume it, pass {preset}{overrides}; to start a new run, use another "
+            "train.run_dir (or train.resume=none to overwrite it)")
+
+
+def check_environment(config: Config, run_dir: Path) -> None:
+    """What the configuration names must exist (the shards, the device, optional packages) and fit (memory, the
+    checkpoint it would resume). Raises ConfigError."""
     errors = []
+    if config.train.resume == "auto" and (problem := resume_model_problem(config, run_dir)):
+        errors.append(problem)
     try:
         tokenizer = load_tokenizer(config.data.tokenizer, fast_backend=False)
         if config.model.vocab_size < tokenizer.vocab_size:
@@ -261,7 +298,8 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         if rank == 0:
             dry_run(config)
         return
-    check_environment(config)
+    run_dir = run_directory(config)
+    check_environment(config, run_dir)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
     if placement and rank == 0:
@@ -270,7 +308,6 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
     from engine.training.trainer import Trainer, run_info, write_json
     from engine.training.watchdog import Watchdog, nccl_flight_recorder_env
 
-    run_dir = run_directory(config)
     device = pick_device(config.train.device)
     if device.type == "cuda":  # read when NCCL starts: its flight recorder then dumps into run_dir/faults/
         os.environ.update(nccl_flight_recorder_env(run_dir))

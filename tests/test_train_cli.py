@@ -233,3 +233,19 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path, shard):
     assert set(modes.values()) == {"0o640"}, modes
     tok = json.loads((hf / "tokenizer_config.json").read_text())
     assert tok["model_max_length"] == 64  # model.max_seq_len, not transformers' "no limit"
+
+
+def test_resuming_with_another_model_says_what_the_checkpoint_holds(tmp_path, shard):
+    """A resume whose model= is missing or different exits 2 naming the checkpoint's model and the overrides that
+    match it (not a list of missing parameter names), and the command it suggests resumes."""
+    run = tmp_path / "run"
+    base = [*TINY, f"data.prefix={shard}", f"train.run_dir={run}", "train.eval_interval=0"]
+    assert train(base, tmp_path).returncode == 0
+    r = train([*base, "model=llama_tiny", "train.steps=8"], tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "holds a checkpoint (step_00000006) of another model: 'gpt2_tiny': arch gpt2" in r.stderr
+    assert "this run's is 'llama_tiny': arch llama" in r.stderr and "Traceback" not in r.stderr
+    fix = r.stderr.split("To resume it, pass ")[1].split(";")[0].split()
+    assert fix[0] == "model=gpt2_tiny" and "model.arch=\"gpt2\"" in fix
+    resumed = train([*base, "model=llama_tiny", "train.steps=8", *fix], tmp_path)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
