@@ -5,8 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +353,198 @@ def test_preprocessing_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "--output-prefix" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------- inputs read once
+def test_same_file_under_several_names_is_read_once(tmp_path, monkeypatch):
+    """A file named as itself, ./itself, its absolute path, a glob, a symlink or a hard link is read once."""
+    monkeypatch.chdir(tmp_path)
+    Path("f.jsonl").write_text('{"text": "f one"}\n{"text": "f two"}\n')
+    Path("g.jsonl").write_text('{"text": "g"}\n')
+    os.symlink("f.jsonl", "link.jsonl")
+    os.link("f.jsonl", "hard.jsonl")
+    inputs = ["f.jsonl", "./f.jsonl", "g.jsonl", str(tmp_path / "f.jsonl"), "link.jsonl", "hard.jsonl", "./f*.jsonl"]
+    messages = []
+    s = preprocess(inputs, "o", log=lambda m, **kw: messages.append(m), progress=False)
+    assert_documents("o", ["f one", "f two", "g"], "byte")
+    assert s.files == 2 and s.duplicates == 5
+    assert "warning: dropped duplicate input f.jsonl (named by an earlier input too)" in messages  # ./f.jsonl
+    for dup in (str(tmp_path / "f.jsonl"), "link.jsonl", "hard.jsonl", "./f.jsonl"):  # the last from the glob
+        assert f"warning: dropped duplicate input {dup} (same file as f.jsonl)" in messages, (dup, messages)
+    assert "read     2 files (5 duplicate inputs dropped)" in s.report()
+
+
+def test_directory_symlinks_are_followed_and_loops_reported(tmp_path, monkeypatch):
+    """Symlinked directories are walked once each; a link back to an enclosing directory is a loop, named."""
+    from engine.data.sources import find_inputs
+
+    monkeypatch.chdir(tmp_path)
+    for path, text in [("d/a.jsonl", "a"), ("d/sub/b.jsonl", "b"), ("outside/c.jsonl", "c")]:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"text": text}) + "\n")
+    os.symlink(".", "d/loop")  # d/loop -> d
+    os.symlink("sub", "d/alias")  # d/alias/b.jsonl is d/sub/b.jsonl
+    os.symlink("../outside", "d/ext")  # followed: a user linking data in expects it read
+    os.symlink("self.jsonl", "d/self.jsonl")  # a file that resolves to itself
+    messages = []
+    s = preprocess(["d"], "o", log=lambda m, **kw: messages.append(m), progress=False)
+    assert_documents("o", ["a", "b", "c"], "byte")  # d/a, d/alias/b (first in sorted order), d/ext/c
+    assert "warning: dropped duplicate input d/sub/b.jsonl (same file as d/alias/b.jsonl)" in messages
+    assert "warning: skipped 2 symlink loops under d: d/loop, d/self.jsonl" in messages
+    assert s.duplicates == 1 and s.symlink_loops == 2
+    assert "read     3 files (1 duplicate input dropped, 2 symlink loops skipped)" in s.report()
+    walked, globbed = find_inputs(["d"]), find_inputs(["d/**/*.jsonl"])  # glob's ** follows links too, loops included
+    assert globbed.files == walked.files and globbed.duplicates == walked.duplicates
+    assert globbed.loops == {"d/**/*.jsonl": ["d/loop", "d/self.jsonl"]}
+
+
+@pytest.mark.parametrize("links", [{"loop": "loop"}, {"a": "b", "b": "a"}])
+def test_symlink_loop_named_on_the_command_line_is_an_error(tmp_path, links):
+    """A symlink loop given as an input is an error that says so (not 'no such file')."""
+    for name, target in links.items():
+        os.symlink(target, tmp_path / name)
+    first = str(tmp_path / next(iter(links)))
+    with pytest.raises(InputError, match=f"^{first}: symlink loop"):
+        preprocess([first], str(tmp_path / "o"), log=quiet)
+
+
+# ----------------------------------------------------------------------------------------------- bounded encoding
+def _recording_encoders(tok) -> list[str]:
+    """Make `tok`'s encoders record every text they are handed; returns the list they fill."""
+    seen: list[str] = []
+
+    class Recorder:
+        def __init__(self, hf):
+            self.hf = hf
+
+        def encode_batch_fast(self, texts, **kwargs):
+            seen.extend(texts)
+            return self.hf.encode_batch_fast(texts, **kwargs)
+
+    tok.hf = Recorder(tok.hf)
+    if tok.fast is not None:
+        fast = tok.fast
+        tok.fast = lambda texts: seen.extend(texts) or fast(texts)
+    return seen
+
+
+def test_long_documents_are_encoded_in_bounded_pieces_with_identical_ids(stdlib_corpus, bpe_tokenizer, monkeypatch):
+    """Long texts reach the encoder in pieces of at most ENCODE_PIECE_CHARS; ids equal encoding them whole."""
+    import random
+
+    from engine.data import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "ENCODE_PIECE_CHARS", 64)
+    rng = random.Random(0)
+    alphabet = [*" \n\r\t\u00a0\u3000\x1c\x85\u2028\u180e\u200b\x0b\x0c", *"ab'sZ09.,;-_(){}é漢🚀", "\u0301",
+                "<|endoftext|>", "'s", "'ll"]
+    no_cut = "x" * 500 + " \n\t" * 100  # whitespace only at the end: nowhere to cut
+    texts = [
+        "\n".join(corpus_texts(stdlib_corpus)[:8]),  # code: indentation, blank lines, trailing spaces
+        ("a" + " " * 40 + "b\n\n\n   \t\r\n" + "word " * 20) * 5,
+        "line one\r\nline two  \r\n\r\n" * 30,
+        "Ünïcödé — 漢字かな 🚀🔥\u00a0\u3000x\x1c\x85 e\u0301 مرحبا\n" * 20,
+        "x <|endoftext|> y\n\n<|endoftext|>\n z" * 20,
+        "".join(rng.choice(alphabet) for _ in range(5000)),
+        no_cut,
+        "",
+        " leading space",
+    ]
+    tok = load_tokenizer(bpe_tokenizer)
+    whole = [np.asarray(e.ids) for e in tok.hf.encode_batch_fast(texts, add_special_tokens=False)]
+    seen = _recording_encoders(tok)
+    for encode in (tok.encode_batch, tok.encode_reference):
+        seen.clear()
+        got = encode(texts)
+        assert len(got) == len(texts)
+        for i, (g, w) in enumerate(zip(got, whole, strict=True)):
+            assert np.array_equal(g, w), (encode.__name__, i)
+        assert seen.count(no_cut) == 1 and len(seen) > 100  # really cut, except where it cannot be
+        # Longer pieces only where the first 64 characters hold no whitespace followed by a letter or digit.
+        assert all(len(t) <= 64 or not re.search(r"[ \t\n\r][A-Za-z0-9]", t[1:66]) for t in seen), seen
+
+
+def test_tokenizer_without_a_known_cut_rule_encodes_whole(bpe_tokenizer, tmp_path, monkeypatch):
+    """With a prefix space added to every text, cutting would change the ids, so such a tokenizer encodes whole."""
+    from engine.data import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "ENCODE_PIECE_CHARS", 64)
+    config = json.loads(Path(bpe_tokenizer).read_text())
+    config["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path, fast_backend=False)
+    text = "hello world\n" * 20
+    whole = tok.hf.encode(text, add_special_tokens=False).ids
+    cut = [i for e in tok.hf.encode_batch_fast([text[:60], text[60:]], add_special_tokens=False) for i in e.ids]
+    assert cut != whole  # why this tokenizer must not be cut
+    seen = _recording_encoders(tok)
+    assert tok.encode_batch([text])[0].tolist() == whole and seen == [text]
+
+
+# ----------------------------------------------------------------------------------------------- interrupted runs
+def test_leftover_temporary_files_of_this_prefix_are_removed(tmp_path):
+    """A run removes the .tmp files a killed run with the same prefix left, names them, and touches nothing else."""
+    ours = ["o.bin.tmp", "o.idx.tmp", "o_00007.bin.tmp", "o_00007.idx.tmp"]
+    others = ["oo.bin.tmp", "o_x.bin.tmp", "o_0007.bin.tmp", "o_000077.bin.tmp", "o_text.bin.tmp", "o.tmp",
+              "o.bin.tmp.bak", "o.json.tmp"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"debris")
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    messages = []
+    preprocess([str(tmp_path / "a.jsonl")], str(tmp_path / "o"), progress=False,
+               log=lambda m, **kw: messages.append(m))
+    assert sorted(p.name for p in tmp_path.glob("*.tmp*")) == sorted(others)
+    listed = ", ".join(str(tmp_path / n) for n in sorted(ours))
+    assert f"removed 4 temporary files an interrupted run left: {listed}" in messages
+
+
+def _start_run(source: Path, prefix: Path, tokenizer: str) -> subprocess.Popen:
+    """A 2-worker preprocess_data.py run in a process group of its own (as a terminal would start it)."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(source), "--output-prefix",
+         str(prefix), "--tokenizer", tokenizer, "--workers", "2", "--batch-size", "64KB", "--no-fast-tokenizer",
+         "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_tokens(proc: subprocess.Popen, prefix: Path) -> None:
+    """Return once the run has written tokens: its workers are up and have encoded batches."""
+    tmp, deadline = Path(f"{prefix}.bin.tmp"), time.monotonic() + 60
+    while not (tmp.exists() and tmp.stat().st_size > 0):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no tokens written after 60 s"
+        time.sleep(0.02)
+
+
+def test_ctrl_c_prints_one_line_and_no_worker_tracebacks(tmp_path, stdlib_corpus, bpe_tokenizer):
+    """Ctrl-C (SIGINT to the whole process group) gives one line and leaves no partial file."""
+    fifo, prefix = tmp_path / "stream.jsonl", tmp_path / "o"
+    os.mkfifo(fifo)
+    proc = _start_run(fifo, prefix, bpe_tokenizer)
+    with open(fifo, "wb") as stream:  # the run reads what we write (~16 batches), then waits for more
+        stream.write(Path(stdlib_corpus).read_bytes())
+        stream.flush()
+        _wait_for_tokens(proc, prefix)
+        time.sleep(0.3)  # the workers finish what they were sent and wait too: SIGINT meets them in Python code
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)  # returns once the workers are gone too: they share its stderr
+    assert proc.returncode == 130 and err.strip() == "interrupted; partial shards removed", err
+    assert not list(tmp_path.glob("o*"))
+
+
+def test_killed_parent_leaves_no_worker_tracebacks_and_the_next_run_clears_its_files(tmp_path, stdlib_corpus,
+                                                                                      bpe_tokenizer):
+    """A SIGKILLed run's busy workers exit at once, silently; the next run removes the .tmp shard it left."""
+    big, prefix = tmp_path / "big.jsonl", tmp_path / "o"
+    big.write_bytes(Path(stdlib_corpus).read_bytes() * 6)
+    proc = _start_run(big, prefix, bpe_tokenizer)
+    _wait_for_tokens(proc, prefix)  # the parent keeps both workers busy from here on
+    proc.kill()
+    _, err = proc.communicate(timeout=30)  # returns once the workers are gone too: they share its stderr
+    assert "Traceback" not in err, err
+    left = sorted(str(p) for p in tmp_path.glob("o*.tmp"))
+    assert left
+    messages = []
+    preprocess([stdlib_corpus], str(prefix), progress=False, log=lambda m, **kw: messages.append(m))
+    assert not list(tmp_path.glob("o*.tmp"))
+    assert f"removed 1 temporary file an interrupted run left: {left[0]}" in messages, (left, messages)

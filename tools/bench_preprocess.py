@@ -4,7 +4,8 @@
 1. The ceiling: the HF tokenizer's own `encode_batch` over the whole corpus held in memory (all cores).
 2. End to end: `tools/preprocess_data.py` as a fresh process (start to files written) for 1 and N workers,
    with Hugging Face tokenizers and, when installed, the gigatoken fast path.
-3. Index building: sample/shuffle indices for a synthetic 10M-document shard, opening that shard, and a blend index.
+3. One huge document: peak memory of a 1-worker run on a single document of --huge-doc-mb MB.
+4. Index building: sample/shuffle indices for a synthetic 10M-document shard, opening that shard, and a blend index.
 
     python tools/bench_preprocess.py --workdir runs/bench
 """
@@ -74,6 +75,31 @@ def bench_end_to_end(corpus: Path, tokenizer: Path, out: Path, workers: int, fas
     return {"seconds": dt, "mb_s": nbytes / dt / 1e6, "docs_s": ndocs / dt, "tok_s": ntok / dt, "encoder": encoder}
 
 
+def write_huge_document(texts: list[str], path: Path, nchars: int) -> None:
+    """One jsonl document of `nchars` characters: the corpus's documents back to back, repeated as needed."""
+    joined = "\n".join(texts)
+    doc = (joined * (nchars // len(joined) + 1))[:nchars]
+    path.write_text(json.dumps({"text": doc}) + "\n", encoding="utf-8")
+
+
+def bench_peak_memory(corpus: Path, tokenizer: Path, out: Path, fast: bool) -> dict:
+    """Seconds and peak resident memory of one fresh 1-worker preprocess_data.py run (wait4's ru_maxrss)."""
+    cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--output-prefix",
+           str(out), "--tokenizer", str(tokenizer), "--workers", "1", "--overwrite", "--no-progress"]
+    if not fast:
+        cmd.append("--no-fast-tokenizer")
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, which RUSAGE_CHILDREN would not give
+        dt = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(err.read().decode())
+    return {"seconds": dt, "peak_bytes": usage.ru_maxrss * 1024}  # ru_maxrss is in KiB on Linux
+
+
 def bench_indices(workdir: Path, num_docs: int, seq_len: int) -> dict:
     """Open a synthetic shard of `num_docs` documents (sparse .bin) and build its sample indices, cold cache."""
     rng = np.random.default_rng(0)
@@ -110,6 +136,7 @@ def main() -> int:
     p.add_argument("--index-docs", type=int, default=10_000_000, help="documents in the index benchmark")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--blend-samples", type=int, default=1_000_000)
+    p.add_argument("--huge-doc-mb", type=float, default=50, help="size of the single-document run; 0 skips it")
     args = p.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -134,6 +161,9 @@ def main() -> int:
     row("ceiling: HF encode_batch, in memory", ceiling)
     row("HF encode_batch_fast, in memory", bench_ceiling(tokenizer, texts, "encode_batch_fast"))
     ndocs = len(texts)
+    huge = work / "huge_document.jsonl"
+    if args.huge_doc_mb > 0:
+        write_huge_document(texts, huge, int(args.huge_doc_mb * 1e6))
     del texts
     try:
         import gigatoken  # noqa: F401
@@ -146,6 +176,14 @@ def main() -> int:
             r = bench_end_to_end(corpus, tokenizer, work / "out", workers, fast, ceiling["bytes"], ndocs)
             label = "gigatoken" if fast else "HF tokenizers"
             row(f"preprocess_data.py, {label}, {workers} worker(s)", r)
+    if args.huge_doc_mb > 0:
+        size = huge.stat().st_size
+        print(f"\none {size / 1e6:.0f} MB document, 1 worker (peak resident memory of the whole process):")
+        for fast in fast_variants:
+            r = bench_peak_memory(huge, tokenizer, work / "out_huge", fast)
+            label = "gigatoken" if fast else "HF tokenizers"
+            print(f"  {label:14s} {r['peak_bytes'] / 2**20:8,.0f} MiB ({r['peak_bytes'] / size:.1f}x the document), "
+                  f"{r['seconds']:.1f} s")
     print(f"\nindex building ({args.index_docs:,} documents, seq_len {args.seq_len}, cold cache):")
     ix = bench_indices(work, args.index_docs, args.seq_len)
     print(f"  write .idx {ix['write_idx_s']:.2f} s | open shard {ix['open_s'] * 1e3:.1f} ms")

@@ -54,6 +54,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < UINT16_VOCAB_LIMIT else np.int32)
 
 
+# Appended to a shard's file names until it is published whole.
+TMP_SUFFIX = ".tmp"
+
+
 def idx_path(prefix: str | os.PathLike) -> str:
     """The index file of a shard prefix."""
     return f"{os.fspath(prefix)}.idx"
@@ -107,7 +111,7 @@ class IndexedDatasetBuilder:
         if self.dtype not in _CODE_OF:
             raise ValueError(f"token dtype {self.dtype} has no MMIDIDX code")
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = bin_path(self.prefix) + ".tmp"
+        self._bin_tmp = bin_path(self.prefix) + TMP_SUFFIX
         self._bin = open(self._bin_tmp, "wb")
         # Compact typed arrays: a shard can hold tens of millions of documents.
         self._sizes = array("i")
@@ -171,7 +175,7 @@ class IndexedDatasetBuilder:
     def finalize(self, publish: bool = True) -> None:
         """Write the index; with `publish`, move both files to their final names (else see `publish_shard`)."""
         self._bin.close()
-        write_index(idx_path(self.prefix) + ".tmp", self.dtype, np.frombuffer(self._sizes, np.int32),
+        write_index(idx_path(self.prefix) + TMP_SUFFIX, self.dtype, np.frombuffer(self._sizes, np.int32),
                     np.frombuffer(self._doc_index, np.int64))
         if publish:
             publish_shard(self.prefix)
@@ -184,13 +188,13 @@ class IndexedDatasetBuilder:
 
 def publish_shard(prefix: str) -> None:
     """Move a finalized shard's temporary files to their final names (the .bin first: the .idx marks it whole)."""
-    os.replace(bin_path(prefix) + ".tmp", bin_path(prefix))
-    os.replace(idx_path(prefix) + ".tmp", idx_path(prefix))
+    os.replace(bin_path(prefix) + TMP_SUFFIX, bin_path(prefix))
+    os.replace(idx_path(prefix) + TMP_SUFFIX, idx_path(prefix))
 
 
 def discard_shard(prefix: str) -> None:
     """Remove a shard's temporary files, if any."""
-    for p in (bin_path(prefix) + ".tmp", idx_path(prefix) + ".tmp"):
+    for p in (bin_path(prefix) + TMP_SUFFIX, idx_path(prefix) + TMP_SUFFIX):
         if os.path.exists(p):
             os.remove(p)
 

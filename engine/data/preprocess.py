@@ -8,9 +8,14 @@ number of workers. Every record that does not become a document is counted by re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import multiprocessing as mp
+import multiprocessing.connection
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.data.indexed_dataset import (
+    TMP_SUFFIX,
     IndexedDatasetBuilder,
     bin_path,
     discard_shard,
@@ -27,11 +33,18 @@ from engine.data.indexed_dataset import (
     token_dtype,
 )
 from engine.data.progress import Progress, format_bytes, parse_size
-from engine.data.sources import TXT_SPLITS, Batch, InputError, Skip, document_texts, expand_inputs, read_batches
+from engine.data.sources import (
+    MAX_MESSAGES_PER_REASON,
+    TXT_SPLITS,
+    Batch,
+    InputError,
+    Skip,
+    document_texts,
+    find_inputs,
+    read_batches,
+    short_list,
+)
 from engine.data.tokenizer import TokenizerError, load_tokenizer, self_check_on
-
-# Per-reason messages printed before we only count.
-MAX_MESSAGES_PER_REASON = 5
 
 
 class StrictModeError(RuntimeError):
@@ -162,11 +175,11 @@ def output_prefixes(prefix: str, keys: Sequence[str]) -> dict[str, str]:
     return {k: prefix if len(keys) == 1 else f"{prefix}_{k}" for k in keys}
 
 
-def existing_outputs(prefix: str) -> list[str]:
-    """Files a previous run with this prefix left (single or numbered shards)."""
-    found = [p for p in (bin_path(prefix), idx_path(prefix)) if os.path.exists(p)]
+def existing_outputs(prefix: str, suffix: str = "") -> list[str]:
+    """Files a previous run with this prefix left (single or numbered shards), their names ending in `suffix`."""
+    found = [p for p in (bin_path(prefix) + suffix, idx_path(prefix) + suffix) if os.path.exists(p)]
     for ext in ("bin", "idx"):
-        found += glob.glob(f"{glob.escape(prefix)}_[0-9][0-9][0-9][0-9][0-9].{ext}")
+        found += glob.glob(f"{glob.escape(prefix)}_[0-9][0-9][0-9][0-9][0-9].{ext}{glob.escape(suffix)}")
     return sorted(found)
 
 
@@ -176,6 +189,8 @@ class Summary:
     """What a run read, wrote and skipped."""
 
     files: int = 0
+    duplicates: int = 0  # inputs left out as another path of a file already read
+    symlink_loops: int = 0
     records: int = 0
     documents: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
@@ -191,8 +206,11 @@ class Summary:
         """The human-readable end-of-run summary."""
         docs, toks = sum(self.documents.values()), sum(self.tokens.values())
         secs = max(self.seconds, 1e-9)
+        left_out = [f"{n} {what}{'s' if n > 1 else ''} {how}" for n, what, how in (
+            (self.duplicates, "duplicate input", "dropped"), (self.symlink_loops, "symlink loop", "skipped")) if n]
         lines = [
-            f"read     {self.files} files, {self.records:,} records, {format_bytes(self.input_bytes)}",
+            f"read     {self.files} files" + (f" ({', '.join(left_out)})" if left_out else "")
+            + f", {self.records:,} records, {format_bytes(self.input_bytes)}",
             f"wrote    {docs:,} documents, {toks:,} tokens, {format_bytes(self.output_bytes)}",
             f"skipped  {sum(self.skipped.values()):,}"
             + (" (" + ", ".join(f"{r}: {n:,}" for r, n in sorted(self.skipped.items())) + ")" if self.skipped else ""),
@@ -232,16 +250,27 @@ def preprocess(
     t0 = time.perf_counter()
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
-    files = expand_inputs(inputs)
+    found = find_inputs(inputs)
+    files = found.files
+    for line in found.warnings():
+        log(f"warning: {line}", file=sys.stderr)
     tok = load_tokenizer(tokenizer, eod_token, fast_backend=fast_tokenizer)
     dtype = token_dtype(tok.vocab_size)
     prefixes = output_prefixes(output_prefix, json_keys)
     stale = [f for p in prefixes.values() for f in existing_outputs(p)]
     if stale and not overwrite:
-        raise InputError(f"output exists: {', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}; pass --overwrite")
+        raise InputError(f"output exists: {short_list(stale)}; pass --overwrite")
+    # A killed run leaves its shards under temporary names; nothing else writes names of this pattern.
+    debris = [f for p in prefixes.values() for f in existing_outputs(p, TMP_SUFFIX)]
+    for f in debris:
+        os.remove(f)
+    if debris:
+        log(f"removed {len(debris)} temporary file{'s' if len(debris) > 1 else ''} an interrupted run left: "
+            f"{short_list(debris)}", file=sys.stderr)
 
     settings = {"keys": list(json_keys), "txt_split": txt_split, "dtype": dtype.str}
-    summary = Summary(files=len(files), tokenizer=tok.name, encoder=getattr(tok, "fast_backend_note", "built-in"))
+    summary = Summary(files=len(files), duplicates=len(found.duplicates), symlink_loops=found.num_loops,
+                      tokenizer=tok.name, encoder=getattr(tok, "fast_backend_note", "built-in"))
     writers = {k: ShardWriter(p, dtype, max_shard_size) for k, p in prefixes.items()}
     shown: Counter = Counter()
     compressed = any(f.endswith((".gz", ".zst")) for f in files)
@@ -307,13 +336,42 @@ def _merge_reader_skips(batch: Batch, enc: Encoded) -> Encoded:
     return enc
 
 
+def _init_pool_worker(*init_args) -> None:
+    """`init_worker` in a pool process, which also exits, silently, as soon as the parent process is gone."""
+    # The parent's end of this pipe closes when it dies (even by SIGKILL). Left running, the worker would finish
+    # its batch for nobody and die on a BrokenPipeError traceback sending the result.
+    sentinel = mp.parent_process().sentinel
+    threading.Thread(target=_exit_when_readable, args=(sentinel,), daemon=True).start()
+    init_worker(*init_args)
+
+
+def _exit_when_readable(fd: int) -> None:
+    mp.connection.wait([fd])
+    os._exit(0)  # nothing to clean up or report to: workers write no files and their parent is gone
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ctrl-C ignored meanwhile, also by processes started meanwhile (an ignored signal stays so in a child)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_pool(batches: Iterator[Batch], workers: int, init_args: tuple, consume) -> None:
     """Encode in `workers` processes, at most a few batches in flight, consuming results in input order."""
-    import multiprocessing as mp
-
     # spawn: a forked child would inherit the tokenizer's thread pool in an unknown state.
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
+    # Workers ignore Ctrl-C from their first instruction: the parent alone gets KeyboardInterrupt and stops them,
+    # so a Ctrl-C prints one line, not a traceback per worker.
+    with _sigint_ignored():
+        pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=init_args)
+    with pool:
         pending: deque = deque()
         for b in batches:
             pending.append((b, pool.apply_async(encode_batch, (b,))))
@@ -362,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", dest="inputs",
-                   help="files, directories (searched recursively) or globs; .jsonl/.json/.ndjson, .txt, .parquet; "
-                   "jsonl and txt may be .gz or .zst compressed")
+                   help="files, directories (searched recursively, symlinks followed) or globs; .jsonl/.json/.ndjson, "
+                   ".txt, .parquet; jsonl and txt may be .gz or .zst compressed; a file reached twice is read once")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX",
                    help="writes PREFIX.bin and PREFIX.idx (PREFIX_<key>.* with several --json-keys)")
     p.add_argument("--tokenizer", default="byte", metavar="PATH|byte",

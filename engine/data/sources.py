@@ -7,11 +7,14 @@ whole file (unreadable, truncated compression, bad parquet) are reported as `Ski
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import io
 import json
 import os
+import stat
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +25,8 @@ TEXT_SUFFIXES = (".txt", ".text")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSION_SUFFIXES = (".gz", ".zst")
 TXT_SPLITS = ("file", "line")
+# Messages of one kind printed one by one before the rest are only counted.
+MAX_MESSAGES_PER_REASON = 5
 
 
 class InputError(ValueError):
@@ -77,30 +82,163 @@ def _is_supported(path: Path) -> bool:
         return False
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files named directly, every supported file under a directory (sorted), and glob matches (sorted)."""
-    out: list[str] = []
+@dataclass
+class InputFiles:
+    """The files to read, in order, and what was left out while finding them."""
+
+    files: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path left out, earlier path of that file)
+    loops: dict[str, list[str]] = field(default_factory=dict)  # input -> symlink loops met under it
+
+    @property
+    def num_loops(self) -> int:
+        """Symlink loops skipped, over all inputs."""
+        return sum(len(v) for v in self.loops.values())
+
+    def warnings(self) -> list[str]:
+        """One line per duplicate left out (the first few, then a count) and per input holding symlink loops."""
+        lines = []
+        for dup, kept in self.duplicates[:MAX_MESSAGES_PER_REASON]:
+            why = "named by an earlier input too" if dup == kept else f"same file as {kept}"
+            lines.append(f"dropped duplicate input {dup} ({why})")
+        if len(self.duplicates) > MAX_MESSAGES_PER_REASON:
+            lines.append(f"dropped {len(self.duplicates) - MAX_MESSAGES_PER_REASON} more duplicate inputs")
+        for where, paths in self.loops.items():
+            lines.append(f"skipped {len(paths)} symlink loop{'s' if len(paths) > 1 else ''} under {where}: "
+                         + short_list(paths))
+        return lines
+
+
+def short_list(items: Sequence[str]) -> str:
+    """The first few items, comma separated, then '...' if there are more."""
+    return ", ".join(items[:MAX_MESSAGES_PER_REASON]) + (", ..." if len(items) > MAX_MESSAGES_PER_REASON else "")
+
+
+def find_inputs(patterns: Sequence[str]) -> InputFiles:
+    """Files named directly, every supported file under a directory (sorted), and glob matches (sorted).
+
+    A file is read once however it is reached (another spelling of its path, a symlink, a hard link, two inputs
+    that overlap): it is identified by device and inode, the first path to reach it is kept, the others are listed
+    in `duplicates`.
+    """
+    found = InputFiles()
+    first_path: dict[tuple[int, int], str] = {}
     for pat in patterns:
-        p = Path(pat).expanduser()
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and _is_supported(f))
-            if not found:
-                raise InputError(f"{pat}: directory holds no .jsonl/.txt/.parquet files")
-            out.extend(found)
-        elif p.exists():
-            file_kind(p)  # fail early on an unknown format
-            out.append(str(p))
-        elif glob.has_magic(pat):
-            found = sorted(f for f in glob.glob(os.path.expanduser(pat), recursive=True) if os.path.isfile(f))
-            if not found:
-                raise InputError(f"{pat}: pattern matches no file")
-            for f in found:
-                file_kind(f)
-            out.extend(found)
-        else:
-            raise InputError(f"{pat}: no such file or directory")
-    seen: set[str] = set()
-    return [f for f in out if not (f in seen or seen.add(f))]
+        for path, st in _expand(pat, found.loops):
+            key = (st.st_dev, st.st_ino)
+            if key in first_path:
+                found.duplicates.append((path, first_path[key]))
+            else:
+                first_path[key] = path
+                found.files.append(path)
+    return found
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """`find_inputs`'s files, its warnings printed to stderr; for tools that need only the list."""
+    found = find_inputs(patterns)
+    for line in found.warnings():
+        print(f"warning: {line}", file=sys.stderr)
+    return found.files
+
+
+def _expand(pat: str, loops: dict[str, list[str]]) -> list[tuple[str, os.stat_result]]:
+    """The files one input names, with their stat (symlinks followed); loops met are added to `loops[pat]`."""
+    p = Path(pat).expanduser()
+    try:
+        st = p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{pat}: symlink loop (following its links never ends at a file or directory)") from e
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise InputError(f"{pat}: {e.strerror}") from e
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        found, met = _walk(p, st)
+        if met:
+            loops[pat] = met
+        if not found:
+            raise InputError(f"{pat}: directory holds no .jsonl/.txt/.parquet files")
+        return found
+    if st is not None:
+        file_kind(p)  # fail early on an unknown format
+        return [(str(p), st)]
+    if not glob.has_magic(pat):
+        raise InputError(f"{pat}: no such file or directory")
+    found, met, dir_ids = [], [], {}
+    # glob's ** follows directory symlinks, a loop included, until the path is too long to resolve.
+    for f in sorted(glob.glob(os.path.expanduser(pat), recursive=True)):
+        loop = _loop_on_path(Path(f), dir_ids)
+        if loop is not None:
+            if loop not in met:
+                met.append(loop)
+            continue
+        try:
+            fst = os.stat(f)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                met.append(f)
+            continue
+        if stat.S_ISREG(fst.st_mode):
+            file_kind(f)
+            found.append((f, fst))
+    if met:
+        loops[pat] = sorted(met)
+    if not found:
+        raise InputError(f"{pat}: pattern matches no file")
+    return found
+
+
+def _loop_on_path(path: Path, dir_ids: dict[Path, tuple[int, int]]) -> str | None:
+    """The first directory of `path` that is one it is already inside (reached by a symlink loop), or None."""
+    inside: set[tuple[int, int]] = set()
+    for d in (*reversed(path.parent.parents), path.parent):
+        if d not in dir_ids:
+            try:
+                st = os.stat(d)
+            except OSError:
+                return None  # let the file's own stat tell what is wrong
+            dir_ids[d] = (st.st_dev, st.st_ino)
+        if dir_ids[d] in inside:
+            return str(d)
+        inside.add(dir_ids[d])
+    return None
+
+
+def _walk(root: Path, root_st: os.stat_result) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
+    """Supported files under `root`, sorted by path, following directory symlinks; and the symlink loops met.
+
+    A symlink to a directory that encloses it (same device and inode as one on the way down) is a loop: listed,
+    not followed. Other symlinked directories are walked, so a file under two of them comes out twice
+    and `find_inputs` keeps the first. Dangling symlinks and unreadable directories are passed over, as before.
+    """
+    found: list[tuple[str, os.stat_result]] = []
+    loops: list[str] = []
+    stack = [(root, frozenset({(root_st.st_dev, root_st.st_ino)}))]
+    while stack:
+        directory, enclosing = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            path = directory / entry.name
+            try:
+                st = entry.stat()
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    loops.append(str(path))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in enclosing:
+                    loops.append(str(path))
+                else:
+                    stack.append((path, enclosing | {key}))
+            elif stat.S_ISREG(st.st_mode) and _is_supported(path):
+                found.append((str(path), st))
+    return sorted(found, key=lambda f: f[0]), sorted(loops)
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
