@@ -169,7 +169,7 @@ def kill_during_save(tmp_path: Path, dp_reference, async_save: bool) -> None:
     assert_no_orphans(run)
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("async_save", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["sync", "async"])
 def test_kill_during_save_resumes_from_the_previous_checkpoint(tmp_path, dp_reference, async_save):
     kill_during_save(tmp_path, dp_reference, async_save)
 

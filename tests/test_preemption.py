@@ -118,9 +118,12 @@ def test_sigterm_to_the_cli_checkpoints_exits_75_and_the_same_command_resumes(tm
 
 
 def test_a_second_signal_before_the_stop_kills_at_once():
-    """A run that hangs before it can stop (a dead peer, a stuck file system) still dies on the second SIGTERM."""
+    """A run that hangs before it can stop (a dead peer, a stuck file system) still dies on the second SIGTERM, once
+    it comes after the repeat window (shortened here)."""
     code = ("import os, signal, time\n"
+            "from engine.training import preemption\n"
             "from engine.training.preemption import StopSignals\n"
+            "preemption.REPEAT_WINDOW_S = 0.1\n"
             "with StopSignals() as stop:\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    time.sleep(0.2)\n"
