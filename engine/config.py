@@ -7,9 +7,19 @@ each naming the keys involved and a fix.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import io
+import json
 import math
+import os
+import tokenize
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MODEL_ARCHS = ("gpt2", "llama")
@@ -28,16 +38,20 @@ NONFINITE_POLICIES = ("skip", "stop")
 class ConfigError(ValueError):
     """One or more configuration problems, each with the keys involved and a fix."""
 
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(format_errors(self.problems))
+
 
 @dataclass
 class ModelConfig:
     """A decoder-only transformer: GPT-2 or Llama flavour, chosen by `arch` and the switches below."""
 
-    name: str = "gpt2_tiny"
-    arch: str = "gpt2"
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_heads: int = 4
+    name: str = "gpt2_tiny"  # the model's name (the run directory's default name)
+    arch: str = "gpt2"  # gpt2 (learned positions, LayerNorm, GELU) | llama (RoPE, RMSNorm, SwiGLU)
+    num_layers: int = 2  # transformer blocks
+    hidden_size: int = 64  # the residual stream's width
+    num_heads: int = 4  # attention heads (hidden_size / num_heads each)
     num_kv_heads: int | None = None  # None: as many as num_heads (no grouped-query attention)
     ffn_hidden_size: int | None = None  # None: 4 * hidden (gpt2) or 8/3 * hidden rounded up to 64 (llama)
     vocab_size: int | None = None  # None: the tokenizer's vocabulary
@@ -45,22 +59,22 @@ class ModelConfig:
     # 128 keeps the output matmul's shapes tensor-core friendly on GPUs. Export drops the padding.
     make_vocab_size_divisible_by: int = 1
     max_seq_len: int = 1024  # learned position embeddings (gpt2); RoPE needs no table size
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    init_std: float = 0.02
+    rope_theta: float = 10000.0  # RoPE's base (llama)
+    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
+    dropout: float = 0.0  # dropout on attention and residual outputs (pretraining: 0)
+    init_std: float = 0.02  # normal init's standard deviation (output projections scaled by depth)
     tie_embeddings: bool | None = None  # None: tied for gpt2, untied for llama
-    recompute: str = "none"
+    recompute: str = "none"  # none | selective (the attention core) | full (each layer): activation memory for compute
 
 
 @dataclass
 class ParallelConfig:
     """Sizes of the (pp, dp, tp) mesh; dp=None fills the world left by tp and pp."""
 
-    tp: int = 1
-    pp: int = 1
-    dp: int | None = None
-    sequence_parallel: bool = False
+    tp: int = 1  # tensor-parallel size (heads and FFN split over consecutive ranks)
+    pp: int = 1  # pipeline-parallel stages
+    dp: int | None = None  # data-parallel size; None fills the world left by tp x pp
+    sequence_parallel: bool = False  # with tp > 1: split norms, dropout and activations along the sequence
     # Pipeline stages: None splits the layers evenly; [a, b, ...] gives stage i its own count (one entry per model
     # chunk, pp x virtual_stages of them, in stage order: chunk c of pipeline rank r is stage c * pp + r).
     pipeline_layers: list[int] | None = None
@@ -83,27 +97,27 @@ class DataConfig:
     """Where the token shards are and how they are split and cached."""
 
     prefix: Any = "runs/demo/shards/stdlib"  # a shard prefix, or [weight, prefix, weight, prefix, ...]
-    tokenizer: str = "runs/demo/tokenizer"
-    split: str = "98,1,1"
-    cache_dir: str | None = None
+    tokenizer: str = "runs/demo/tokenizer"  # the shards' tokenizer (a tokenizer.json or its directory, or byte)
+    split: Any = "98,1,1"  # train,valid,test weights: "98,1,1", "98/1/1" or [98,1,1]
+    cache_dir: str | None = None  # sample-index cache; None: index-cache/ beside the shards (else ~/.cache/weft)
 
 
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 3e-4
-    min_lr: float = 3e-5
+    lr: float = 3e-4  # peak learning rate (after warm-up)
+    min_lr: float = 3e-5  # the learning rate decay ends at
     warmup_steps: int | None = None  # None: 1% of train.steps
     decay_steps: int | None = None  # None: train.steps - warmup_steps
-    decay_style: str = "cosine"
+    decay_style: str = "cosine"  # cosine | linear | wsd (warm-up, stable, decay) | constant
     wsd_decay_fraction: float = 0.2  # wsd: the final fraction of decay_steps spent decaying
-    weight_decay: float = 0.1
-    decay_norms_and_biases: bool = False
-    decay_embeddings: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay (matrices only, unless the two below)
+    decay_norms_and_biases: bool = False  # also decay norm weights and biases
+    decay_embeddings: bool = False  # also decay the embeddings
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's epsilon
     clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
     impl: str = "auto"  # auto: fused on CUDA, foreach elsewhere; apex: apex's FusedAdam
 
@@ -112,19 +126,19 @@ class OptimConfig:
 class TrainConfig:
     """The run: its length, batch, precision, evaluation, logging cadence and where it writes."""
 
-    steps: int = 100
-    seq_len: int = 128
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    seed: int = 1234
-    precision: str = "fp32"
-    run_dir: str = "runs/${model.name}"
-    log_interval: int = 10
-    eval_interval: int = 50
-    eval_iters: int = 4
-    dry_run: bool = False
-    compile: bool = False
-    profile_steps: list[int] = field(default_factory=list)
+    steps: int = 100  # optimizer steps to train
+    seq_len: int = 128  # tokens per sample
+    micro_batch_size: int = 4  # samples per rank per forward/backward
+    global_batch_size: int = 8  # samples per optimizer step (micro batch x accumulation x dp)
+    seed: int = 1234  # model init, data order and dropout
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a dynamic loss scaler)
+    run_dir: str = "runs/${model.name}"  # checkpoints, metrics.jsonl, config.yaml, fault dumps
+    log_interval: int = 10  # steps between log lines and metrics.jsonl records
+    eval_interval: int = 50  # steps between validation passes (0: only at the end)
+    eval_iters: int = 4  # global batches per validation pass
+    dry_run: bool = False  # print parameters, FLOPs and per-rank memory for the layout, allocate nothing
+    compile: bool = False  # torch.compile each transformer block
+    profile_steps: list[int] = field(default_factory=list)  # [first, last]: a torch.profiler trace of those steps
     peak_tflops: float | None = None  # per device; overrides the built-in peak table for MFU
     device: str = "auto"  # auto: cuda when available, else cpu
     save_interval: int = 0  # steps between checkpoints (0: only at the end)
@@ -141,7 +155,7 @@ class TrainConfig:
     # A step whose loss or gradient norm is not finite on any rank (docs/fault_tolerance.md): skip drops its update
     # and counts it; stop saves the last good state and exits 3. skip also stops after max_skipped_steps (0: never).
     nonfinite: str = "skip"
-    max_skipped_steps: int = 20
+    max_skipped_steps: int = 20  # skip: stop after this many non-finite steps (0: never)
     spike_window: int = 100  # loss spikes: compared with the mean of this many recent losses (0: no detector)
     spike_threshold: float = 6.0  # a spike: more than this many standard deviations above that mean
 
@@ -153,8 +167,8 @@ class LoggingConfig:
     console: bool = True  # a line per train.log_interval steps and per evaluation
     progress_bar: bool | None = None  # None: on an interactive terminal
     wandb: bool = False  # log the config and every metric to Weights & Biases (one rank)
-    wandb_project: str = "weft"
-    wandb_entity: str | None = None
+    wandb_project: str = "weft"  # W&B project
+    wandb_entity: str | None = None  # W&B entity (team or user); None: your default
     wandb_mode: str = "online"  # online | offline (offline: synced later with `wandb sync`)
     wandb_name: str | None = None  # the run's display name (default: the run directory's name)
 
@@ -163,8 +177,8 @@ class LoggingConfig:
 class KernelsConfig:
     """Which implementation the model's fused operations use."""
 
-    backend: str = "auto"
-    attention: str = "auto"
+    backend: str = "auto"  # auto | triton | torch (norms, RoPE, SwiGLU, cross entropy)
+    attention: str = "auto"  # auto | flash_attn | triton | sdpa
 
 
 @dataclass
@@ -249,6 +263,7 @@ def validate(cfg: Config, world_size: int) -> None:
         ("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline")),
     ]:
         check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+    choice_errors = len(errors)  # reported with the rest; the bounds below must hold before anything divides
     for name, value in [("model.num_layers", m.num_layers),
                         ("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by),
                         ("model.hidden_size", m.hidden_size),
@@ -262,8 +277,8 @@ def validate(cfg: Config, world_size: int) -> None:
     check(m.num_kv_heads is None or m.num_kv_heads >= 1, f"model.num_kv_heads={m.num_kv_heads} must be at least 1")
     for name, value in float_settings(cfg):  # inf or nan passes every comparison below, or fails it misleadingly
         check(math.isfinite(value), f"{name}={value} is not a finite number")
-    if errors:  # the rules below divide by these
-        raise ConfigError(_format(errors))
+    if len(errors) > choice_errors:  # the rules below divide by these
+        raise ConfigError(errors)
 
     kv = m.num_kv_heads or m.num_heads
     check(m.hidden_size % m.num_heads == 0,
@@ -332,7 +347,7 @@ def validate(cfg: Config, world_size: int) -> None:
                         ("train.spike_window", t.spike_window)]:
         check(value >= 0, f"{name}={value} must be >= 0")
     if errors:
-        raise ConfigError(_format(errors))
+        raise ConfigError(errors)
 
 
 def zero_errors(cfg: Config) -> list[str]:
@@ -418,6 +433,168 @@ def pipeline_errors(cfg: Config) -> list[str]:
     return errors
 
 
-def _format(errors: list[str]) -> str:
+def format_errors(errors: list[str]) -> str:
+    """One message for one or several problems, one line each."""
     head = "invalid configuration:" if len(errors) > 1 else "invalid configuration: "
     return head + ("\n  - " + "\n  - ".join(errors) if len(errors) > 1 else errors[0])
+
+
+# ----------------------------------------------------------------------------------- the command line, before Hydra
+CONFIG_GROUPS = ("model", "parallel", "data", "optim", "train", "logging")  # conf/<group>/<option>.yaml
+# Hydra's own flags that take the next argument as their value.
+_VALUED_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+                 "--config-dir", "--experimental-rerun"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+_BOOLEANS = {"true", "false", "yes", "no", "on", "off", "y", "n", "1", "0"}
+
+
+def all_keys(schema: type = Config, path: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema and its type hint."""
+    out = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        nested = _nested_schema(schema, f.name)
+        if nested is not None and dataclasses.is_dataclass(nested):
+            out.update(all_keys(nested, f"{path}{f.name}."))
+        else:
+            out[f"{path}{f.name}"] = hints[f.name]
+    return out
+
+
+def override_problems(args: Sequence[str], conf_dir: str | os.PathLike) -> list[str]:
+    """What is wrong with command-line overrides, found before Hydra composes them (where each is its own error,
+    and a misspelt key gets advice to add `+`): unknown keys with a did-you-mean, unknown group options, values
+    that cannot be their key's type, and commas Hydra would read as a sweep."""
+    sweep = "-m" in args or "--multirun" in args
+    keys = all_keys()
+    problems = []
+    for arg in _overrides(args):
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")
+        if key.startswith(("hydra", "~")) or "@" in key:
+            continue
+        values = _split_sweep(value) if sweep else [value]
+        if "." not in key:
+            problems += _group_problems(key, values, Path(conf_dir))
+        elif key not in keys:
+            near = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+            problems.append(f"{key}: no such key" + (f"; did you mean {near[0]}?" if near else
+                                                      " (python -m engine.train --help lists them)"))
+        elif not sweep and _bare_comma(value):
+            problems.append(f"{arg}: Hydra reads an unquoted comma as a sweep (-m); quote the value "
+                            f"({key}='{value}') or give a list ({key}=[{value}])")
+        else:
+            problems += [p for v in values if (p := _type_problem(key, v, keys[key]))]
+    return problems
+
+
+def _overrides(args: Sequence[str]) -> list[str]:
+    """The key=value arguments, Hydra's flags and their values left out."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg in _VALUED_FLAGS or (arg == "--info" and i + 1 < len(args) and args[i + 1] in _INFO_TOPICS):
+            skip = True
+        elif not arg.startswith("-") and "=" in arg:
+            out.append(arg)
+    return out
+
+
+def _split_sweep(value: str) -> list[str]:
+    """The values of a multirun sweep `a,b,c` (a bracketed list, a function like range(...) or an interpolation
+    stays one value)."""
+    return value.split(",") if _bare_comma(value) else [value]
+
+
+def _bare_comma(value: str) -> bool:
+    return "," in value and not value.startswith(("[", "{", "'", '"')) and "(" not in value and "${" not in value
+
+
+def _group_problems(group: str, options: list[str], conf_dir: Path) -> list[str]:
+    if group not in CONFIG_GROUPS:
+        near = difflib.get_close_matches(group, CONFIG_GROUPS, n=1)
+        return [f"{group}: not a config group ({', '.join(CONFIG_GROUPS)})"
+                + (f"; did you mean {near[0]}?" if near else "; a key is written section.key=value")]
+    known = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    out = []
+    for option in options:
+        if option not in known and option != "null":
+            near = difflib.get_close_matches(option, known, n=1)
+            out.append(f"{group}={option}: no such option (options: {', '.join(known)})"
+                       + (f"; did you mean {group}={near[0]}?" if near else ""))
+    return out
+
+
+def _type_problem(key: str, value: str, hint: Any) -> str | None:
+    """Why `value` cannot be `key`'s type, or None (interpolations, quoted text and sweep functions pass)."""
+    if hint is Any or "${" in value or "(" in value:
+        return None
+    kinds = set(typing.get_args(hint)) if typing.get_origin(hint) in (types.UnionType, typing.Union) else {hint}
+    if value == "null":
+        return None if type(None) in kinds else f"{key}=null: {key} must be set"
+    kinds.discard(type(None))
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if kind is bool and value.lower() not in _BOOLEANS:
+        return f"{key}={value}: not true or false"
+    if kind is int and not _parses(int, value):
+        return f"{key}={value}: not an integer"
+    if kind is float and not _parses(float, value):
+        return f"{key}={value}: not a number"
+    if typing.get_origin(kind) is list and not value.startswith("["):
+        return f"{key}={value}: a list, written [a,b,...]"
+    return None
+
+
+def _parses(kind: type, value: str) -> bool:
+    try:
+        kind(value)
+        return True
+    except ValueError:
+        return False
+
+
+def key_help() -> str:
+    """`--help`'s key list: each key with its type, default and the first line of the comment that explains it here."""
+    notes = _field_comments()
+    rows = []
+
+    def walk(schema: type, path: str) -> None:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            nested = _nested_schema(schema, f.name)
+            if nested is not None and dataclasses.is_dataclass(nested):
+                walk(nested, f"{path}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            hint = hints[f.name]
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+            rows.append((f"{path}{f.name}", f"{kind} = {json.dumps(default)}",
+                         notes.get((schema.__name__, f.name), "")))
+
+    walk(Config, "")
+    width = max(len(k) for k, _, _ in rows)
+    kinds = max(len(t) for _, t, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {t:<{kinds}}  {note}".rstrip() for k, t, note in rows)
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """(class, field) -> the first line of the comment on a field's line, or else of the block just above it."""
+    source = Path(__file__).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    out = {}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                line = top = stmt.lineno
+                while top - 1 in comments and lines[top - 2].lstrip().startswith("#"):
+                    top -= 1
+                block = " ".join(comments[n] for n in range(top, line))
+                note = comments.get(line) or (block.split(". ")[0].split("; ")[0] if block else None)
+                if note:
+                    out[(node.name, stmt.target.id)] = note
+    return out

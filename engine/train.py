@@ -34,7 +34,10 @@ from engine.config import (
     Config,
     ConfigError,
     fill_defaults,
+    format_errors,
+    key_help,
     micro_batches_per_step,
+    override_problems,
     register_configs,
     samples_per_split,
     unknown_keys,
@@ -66,7 +69,10 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # Hydra imports and calls whatever a `_target_` under hydra.* names (callbacks, launchers, sweepers) and logging's
 # `()` factories before any of our code runs; from the command line that takes this flag (docs/training.md).
 ALLOW_HYDRA_CODE = "--allow-hydra-callbacks"
+_composed = False  # whether Hydra got as far as calling main(): its own failures before that exit 1
 register_configs()
+# --help's key list (conf/config.yaml hydra.help); `$` doubled for the string.Template Hydra fills the help into
+OmegaConf.register_new_resolver("weft_keys", lambda: key_help().replace("$", "$$"))
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -195,32 +201,34 @@ def resume_model_problem(config: Config, run_dir: Path) -> str | None:
             "train.run_dir (or train.resume=none to overwrite it)")
 
 
-def check_environment(config: Config, run_dir: Path) -> None:
-    """What the configuration names must exist (the shards, the device, optional packages) and fit (memory, the
-    checkpoint it would resume). Raises ConfigError."""
+def environment_problems(config: Config, run_dir: Path, valid: bool) -> list[str]:
+    """What the configuration names must exist (the shards, the device, optional packages) and, when it is `valid`
+    (the sizes below divide), fit: memory, the checkpoint it would resume."""
     errors = []
-    if config.train.resume == "auto" and (problem := resume_model_problem(config, run_dir)):
+    if valid and config.train.resume == "auto" and (problem := resume_model_problem(config, run_dir)):
         errors.append(problem)
-    try:
-        tokenizer = load_tokenizer(config.data.tokenizer, fast_backend=False)
-        if config.model.vocab_size < tokenizer.vocab_size:
-            errors.append(f"model.vocab_size={config.model.vocab_size} is smaller than data.tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size}): its ids would not fit; raise it or leave it unset")
-    except TokenizerError as e:
-        errors.append(f"data.tokenizer: {e}")
+    if config.model.vocab_size is not None:  # None: the tokenizer would not load, and that is reported already
+        try:
+            tokenizer = load_tokenizer(config.data.tokenizer, fast_backend=False)
+            if config.model.vocab_size < tokenizer.vocab_size:
+                errors.append(f"model.vocab_size={config.model.vocab_size} is smaller than data.tokenizer's "
+                              f"vocabulary ({tokenizer.vocab_size}): its ids would not fit; raise it or leave it unset")
+        except TokenizerError as e:
+            errors.append(f"data.tokenizer: {e}")
     try:
         parse_split(config.data.split)
         blend = parse_prefix(config.data.prefix)
         shards = [open_shard(prefix) for _, prefix in blend]
-        check_index_memory(shards, [w for w, _ in blend], config.data.split, config.train.seq_len,
-                           samples_per_split(config))
+        if valid:
+            check_index_memory(shards, [w for w, _ in blend], config.data.split, config.train.seq_len,
+                               samples_per_split(config))
     except (ShardFormatError, ValueError) as e:
         errors.append(f"data: {e}")
     try:
         device = pick_device(config.train.device)
         if config.optim.impl == "fused" and device.type != "cuda":
             errors.append("optim.impl=fused needs CUDA; use optim.impl=auto (foreach on CPU)")
-        if problem := memory_problem(config, device):
+        if valid and (problem := memory_problem(config, device)):
             errors.append(problem)
     except RuntimeError as e:
         errors.append(str(e))
@@ -238,8 +246,7 @@ def check_environment(config: Config, run_dir: Path) -> None:
             resolve_checkpoint(config.train.init_from)
         except CheckpointError as e:
             errors.append(f"train.init_from: {e} (or give a Hugging Face model directory)")
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return errors
 
 
 def init_weights(path: str) -> TensorSource:
@@ -289,8 +296,21 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
     p = config.parallel
     if config.train.dry_run and world == 1:  # plan the layout the configuration asks for, from one process
         world = p.tp * p.pp * (p.dp or 1)
-    fill_defaults(config, world, model_vocab_size(config))
-    validate(config, world)
+    problems: list[str] = []  # every one, in one message
+    try:
+        vocab = model_vocab_size(config)
+    except ConfigError as e:
+        vocab, problems = None, e.problems
+    fill_defaults(config, world, vocab)
+    try:
+        validate(config, world)
+    except ConfigError as e:  # (its "vocab_size=None: set it" would repeat the tokenizer's problem)
+        problems += [m for m in e.problems if vocab is not None or not m.startswith("model.vocab_size=None")]
+    run_dir = run_directory(config)
+    if not config.train.dry_run:
+        problems += environment_problems(config, run_dir, valid=not problems)
+    if problems:
+        raise ConfigError(problems)
     bubble = pipeline_bubble_warning(config)
     if bubble and rank == 0:
         warnings.warn(bubble, stacklevel=1)
@@ -298,8 +318,6 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         if rank == 0:
             dry_run(config)
         return
-    run_dir = run_directory(config)
-    check_environment(config, run_dir)
     local = os.environ.get("LOCAL_WORLD_SIZE")
     placement = tp_placement_warning(config.parallel.tp, int(local) if local else None)
     if placement and rank == 0:
@@ -383,6 +401,8 @@ def _plain_warning(message, category, filename, lineno, line=None) -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
+    global _composed
+    _composed = True
     warnings.formatwarning = _plain_warning
     rank, _ = world_from_env()
     # From here on SIGTERM and SIGUSR1 (preemption, Slurm's time-limit warning) only ask for a stop: after the next
@@ -409,16 +429,26 @@ def cli() -> None:
         if world_from_env()[0] == 0:
             print(f"note: this launch's ranks already ended with exit {earlier}; not restarting", file=sys.stderr)
         sys.exit(earlier)
-    if ALLOW_HYDRA_CODE in sys.argv:
+    allowed = ALLOW_HYDRA_CODE in sys.argv
+    if allowed:
         sys.argv.remove(ALLOW_HYDRA_CODE)
-    elif refused := code_running_overrides(sys.argv[1:]):
+    refused = [] if allowed else code_running_overrides(sys.argv[1:])
+    problems = [f"{' '.join(refused)}: Hydra would import and call what this names at start-up; a command-line "
+                f"override may not run code unless {ALLOW_HYDRA_CODE} is given (put trusted callbacks in a config file "
+                "instead: configs are code, docs/training.md)"] if refused else []
+    problems += override_problems(sys.argv[1:], CONF_DIR)
+    if problems:  # every one at once, where Hydra would stop at the first with its own advice (add `+`)
         if world_from_env()[0] == 0:
-            print(f"error: {' '.join(refused)}: Hydra would import and call what this names at start-up; a "
-                  f"command-line override may not run code unless {ALLOW_HYDRA_CODE} is given (put trusted callbacks "
-                  "in a config file instead: configs are code, docs/training.md)", file=sys.stderr)
+            print(f"error: {format_errors(problems)}", file=sys.stderr)
         record_exit(2)
         sys.exit(2)
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _composed:  # Hydra could not compose the config it printed: an invalid configuration
+            record_exit(2)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

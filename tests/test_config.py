@@ -12,7 +12,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from engine.config import Config, ConfigError, fill_defaults, register_configs, unknown_keys, validate
+from engine.config import (
+    Config,
+    ConfigError,
+    all_keys,
+    fill_defaults,
+    key_help,
+    override_problems,
+    register_configs,
+    unknown_keys,
+    validate,
+)
 from engine.model import GPT
 from engine.model.flops import count_parameters, flops_per_token, parameters_per_rank
 from engine.training.memory import estimate_memory
@@ -269,3 +279,49 @@ def test_dry_run_plans_each_pipeline_stage():
             assert row["activations_in_flight"] == held
         stages = [parameters_per_rank(cfg.model, 1, range(a, b)) for a, b in ((0, 4), (4, 10), (10, 16), (16, 22))]
         assert sum(stages) == count_parameters(cfg.model)  # untied Llama: every parameter on exactly one stage
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["train.stpes=10"], ["train.stpes: no such key; did you mean train.steps?"]),
+    (["+modle.num_layers=2"], ["modle.num_layers: no such key; did you mean model.num_layers?"]),
+    (["model=llama_tin"], ["model=llama_tin: no such option (options: gpt2_124m, gpt2_350m, gpt2_tiny, llama_1b, "
+                           "llama_tiny); did you mean model=llama_tiny?"]),
+    (["modle=llama_tiny"], ["modle: not a config group (model, parallel, data, optim, train, logging); did you mean "
+                            "model?"]),
+    (["train.steps=abc", "train.compile=maybe", "optim.lr=fast", "train.steps=null"],
+     ["train.steps=abc: not an integer", "train.compile=maybe: not true or false", "optim.lr=fast: not a number",
+      "train.steps=null: train.steps must be set"]),
+    (["parallel.pipeline_layers=3"], ["parallel.pipeline_layers=3: a list, written [a,b,...]"]),
+    (["data.split=98,1,1"], ["data.split=98,1,1: Hydra reads an unquoted comma as a sweep (-m); quote the value "
+                             "(data.split='98,1,1') or give a list (data.split=[98,1,1])"]),
+    (["-m", "optim.lr=1e-3,x", "model=gpt2_tiny,llama_tini"],
+     ["optim.lr=x: not a number", "model=llama_tini: no such option (options: gpt2_124m, gpt2_350m, gpt2_tiny, "
+                                  "llama_1b, llama_tiny); did you mean model=llama_tiny?"]),
+])
+def test_command_line_problems_are_found_before_hydra(args, expected):
+    """Misspelt keys and options get a did-you-mean (Hydra's own advice is to add `+`), values that cannot be
+    their key's type are named, and all of them come back together."""
+    assert override_problems(args, REPO / "conf") == expected
+
+
+def test_valid_command_lines_pass_the_check():
+    args = ["model=llama_tiny", "train.steps=10", "parallel.dp=null", "data.split=[98,1,1]", "data.split=98/1/1",
+            "optim.lr=${optim.min_lr}", "+train.seed=3", "hydra.run.dir=x", "--cfg", "job", "-m",
+            "optim.lr=1e-3,3e-4", "train.steps=range(1,3)", "parallel.pipeline_layers=[1,1]", "train.compile=true",
+            "data.prefix=[0.7,/d/web,0.3,/d/code]", "logging.wandb_entity=null"]
+    assert override_problems(args, REPO / "conf") == []
+
+
+def test_help_lists_every_key_with_a_line_saying_what_it_is():
+    lines = {line.split()[0]: line for line in key_help().splitlines()}
+    assert set(lines) == set(all_keys())
+    for key, line in lines.items():
+        note = line.split("  ")[-1].strip()
+        assert note and not note.startswith(("null", "true", "false")), key
+
+
+def test_choice_errors_do_not_hide_the_other_rules():
+    cfg = fill_defaults(valid(train__precision="fp8", model__hidden_size=100, model__num_heads=3), 1)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1)
+    assert "train.precision='fp8'" in str(err.value) and "hidden_size=100 is not divisible" in str(err.value)
