@@ -325,3 +325,17 @@ def test_choice_errors_do_not_hide_the_other_rules():
     with pytest.raises(ConfigError) as err:
         validate(cfg, 1)
     assert "train.precision='fp8'" in str(err.value) and "hidden_size=100 is not divisible" in str(err.value)
+
+
+@pytest.mark.parametrize(("model", "preset", "tp", "world"), [("gpt2_124m", "pretrain_124m", 4, 32),
+                                                              ("llama_1b", "pretrain_1b", 8, 32),
+                                                              ("llama_1b", "pretrain_1b", 1, 64)])
+def test_pretraining_presets_plan_real_layouts(model, preset, tp, world):
+    """The presets' batch divides real layouts (the defaults' global batch of 8 does not), in bf16 at the model's
+    context, with their own learning rate; a command-line key still wins."""
+    cfg = fill_defaults(composed(f"model={model}", f"train={preset}", "model.vocab_size=32000", f"parallel.tp={tp}",
+                                 "optim.min_lr=1e-5"), world)
+    validate(cfg, world)
+    assert cfg.train.precision == "bf16" and cfg.train.global_batch_size == 512
+    assert cfg.train.seq_len == (1024 if model == "gpt2_124m" else 2048)
+    assert cfg.optim.lr in (6e-4, 4e-4) and cfg.optim.min_lr == 1e-5 and cfg.train.save_interval == 1000
