@@ -288,15 +288,10 @@ def run_directory(config: Config) -> Path:
     return Path(config.train.run_dir)
 
 
-def run(cfg: DictConfig, stop: StopSignals) -> None:
-    """Validate everything, then set up the mesh and train; after a stop signal (`stop`) every rank checkpoints and
-    the process exits 75; after non-finite values that train.nonfinite stops on, 3 (exit_together)."""
-    config = to_config(cfg)
-    rank, world = world_from_env()
-    p = config.parallel
-    if config.train.dry_run and world == 1:  # plan the layout the configuration asks for, from one process
-        world = p.tp * p.pp * (p.dp or 1)
-    problems: list[str] = []  # every one, in one message
+def configuration_problems(config: Config, world: int, run_dir: Path) -> list[str]:
+    """Every problem of `config` for `world` ranks at once, the environment's too unless it is a dry run; fills in
+    the derived defaults on the way."""
+    problems: list[str] = []
     try:
         vocab = model_vocab_size(config)
     except ConfigError as e:
@@ -306,9 +301,21 @@ def run(cfg: DictConfig, stop: StopSignals) -> None:
         validate(config, world)
     except ConfigError as e:  # (its "vocab_size=None: set it" would repeat the tokenizer's problem)
         problems += [m for m in e.problems if vocab is not None or not m.startswith("model.vocab_size=None")]
-    run_dir = run_directory(config)
     if not config.train.dry_run:
         problems += environment_problems(config, run_dir, valid=not problems)
+    return problems
+
+
+def run(cfg: DictConfig, stop: StopSignals) -> None:
+    """Validate everything, then set up the mesh and train; after a stop signal (`stop`) every rank checkpoints and
+    the process exits 75; after non-finite values that train.nonfinite stops on, 3 (exit_together)."""
+    config = to_config(cfg)
+    rank, world = world_from_env()
+    p = config.parallel
+    if config.train.dry_run and world == 1:  # plan the layout the configuration asks for, from one process
+        world = p.tp * p.pp * (p.dp or 1)
+    run_dir = run_directory(config)
+    problems = configuration_problems(config, world, run_dir)
     if problems:
         raise ConfigError(problems)
     bubble = pipeline_bubble_warning(config)
