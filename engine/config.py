@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import tokenize
 import types
 import typing
@@ -499,6 +500,15 @@ def _overrides(args: Sequence[str]) -> list[str]:
         elif not arg.startswith("-") and "=" in arg:
             out.append(arg)
     return out
+
+
+def sweep_job_name(num: int, job_overrides: Sequence[str], args: Sequence[str]) -> str:
+    """A sweep job's directory name: its number, then its values of the keys `args` (the command line) sweeps,
+    e.g. `1_optim.lr=0.002` (a `/` in a value becomes `_`)."""
+    swept = {a.split("=", 1)[0].lstrip("+") for a in _overrides(args)
+             if _bare_comma(a.split("=", 1)[1]) or re.match(r"\w+\(", a.split("=", 1)[1])}
+    named = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+") in swept]
+    return "_".join([str(num), *(o.replace("/", "_") for o in named)])
 
 
 def _split_sweep(value: str) -> list[str]:

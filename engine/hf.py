@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -26,9 +27,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from engine.config import ModelConfig
 from engine.data.tokenizer import BYTE_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, TokenizerError
 from engine.inference import checkpoint_model_config, checkpoint_tokenizer
+from engine.model import GPT
 from engine.training.checkpoint import FORMAT_VERSION, CheckpointError, load_full_weights, read_meta, resolve_checkpoint
 from engine.training.integrity import honour_umask
-from engine.training.reshard import FullTensors
+from engine.training.reshard import FullTensors, copy_parameters
 
 try:
     from transformers import (
@@ -237,8 +239,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike) 
     return Path(output)
 
 
-def import_model(hf_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Write a transformers GPT-2 or Llama directory as one of our step directories; returns it."""
+def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], PreTrainedTokenizerFast,
+                                                   int]:
+    """A transformers GPT-2 or Llama directory, checked: our model config, its weights by our names, its tokenizer
+    and the end-of-document (EOS) id."""
     if not (Path(hf_dir) / "config.json").is_file():
         # Checked here: transformers would take a missing directory for a Hub model name.
         raise ValueError(f"{hf_dir}: not a transformers model directory (no config.json)")
@@ -255,6 +259,23 @@ def import_model(hf_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
     cfg, state = from_hf(hf_dir)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"{hf_dir}: the tokenizer has {len(tokenizer)} tokens, the model only {cfg.vocab_size}")
+    return cfg, state, tokenizer, eod_id
+
+
+def hf_for_inference(hf_dir: str | os.PathLike) -> tuple[GPT, HFTokenizer, dict]:
+    """A transformers directory as generation takes it: our model (fp32, eval mode), the tokenizer, its EOD id."""
+    cfg, state, tokenizer, eod_id = read_hf_dir(hf_dir)
+    model = GPT(cfg)
+    copy_parameters(model, FullTensors(state, str(hf_dir)))
+    with tempfile.TemporaryDirectory() as tmp:  # HFTokenizer reads a tokenizer.json, which it keeps in memory
+        tokenizer.backend_tokenizer.save(str(Path(tmp) / "tokenizer.json"))
+        ours = HFTokenizer(Path(tmp) / "tokenizer.json", tokenizer.eos_token, fast_backend=False)
+    return model.eval(), ours, {"eod_id": eod_id}
+
+
+def import_model(hf_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write a transformers GPT-2 or Llama directory as one of our step directories; returns it."""
+    cfg, state, tokenizer, eod_id = read_hf_dir(hf_dir)
     out = Path(output)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,13 @@ import torch
 from engine.config import ModelConfig
 from engine.data.tokenizer import BYTE_TOKENIZER, ByteTokenizer, HFTokenizer, TokenizerError
 from engine.model import GPT
-from engine.training.checkpoint import CheckpointError, load_model_weights, read_meta, resolve_checkpoint
+from engine.training.checkpoint import (
+    CheckpointError,
+    is_hf_model_dir,
+    load_model_weights,
+    read_meta,
+    resolve_checkpoint,
+)
 
 
 def checkpoint_model_config(meta: dict) -> ModelConfig:
@@ -51,7 +57,13 @@ def checkpoint_tokenizer(step_dir: Path, meta: dict) -> ByteTokenizer | HFTokeni
 
 def load_for_inference(path: str | os.PathLike,
                        device: torch.device | str = "cpu") -> tuple[GPT, ByteTokenizer | HFTokenizer, dict]:
-    """The model (eval mode, on `device`), tokenizer and metadata of a step directory or a run's latest checkpoint."""
+    """The model (eval mode, on `device`), tokenizer and metadata of a step directory, a run's latest checkpoint, or a
+    transformers model directory (whose metadata is only its end-of-document id)."""
+    if is_hf_model_dir(path):
+        from engine.hf import hf_for_inference  # needs transformers: imported only for a transformers directory
+
+        model, tokenizer, meta = hf_for_inference(path)
+        return model.to(device), tokenizer, meta
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     model = GPT(checkpoint_model_config(meta))
@@ -112,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "continuation. Samples with temperature 1 unless told otherwise.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a step directory, or a run directory (its latest checkpoint)")
+                   help="a step directory, a run directory (its latest checkpoint), or a transformers GPT-2/Llama "
+                   "model directory (config.json, safetensors weights and its tokenizer)")
     p.add_argument("--prompt", required=True, help="text to continue; encoded with the run's tokenizer, no BOS/EOD")
     p.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="stop after N new tokens")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -157,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tokenizer, meta = load_for_inference(args.checkpoint, device)
-    except (CheckpointError, TokenizerError) as e:
+    except (CheckpointError, TokenizerError, ValueError, ImportError) as e:
         p.error(str(e))
     prompt = [int(i) for i in tokenizer.encode_batch([args.prompt])[0]]
     max_new = args.max_new_tokens

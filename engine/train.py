@@ -40,6 +40,7 @@ from engine.config import (
     override_problems,
     register_configs,
     samples_per_split,
+    sweep_job_name,
     unknown_keys,
     validate,
 )
@@ -73,6 +74,8 @@ _composed = False  # whether Hydra got as far as calling main(): its own failure
 register_configs()
 # --help's key list (conf/config.yaml hydra.help); `$` doubled for the string.Template Hydra fills the help into
 OmegaConf.register_new_resolver("weft_keys", lambda: key_help().replace("$", "$$"))
+# A sweep job's sub-directory, named by its swept values (conf/config.yaml hydra.sweep.subdir)
+OmegaConf.register_new_resolver("weft_sweep_job", lambda num, job: sweep_job_name(num, list(job), sys.argv[1:]))
 
 
 def to_config(cfg: DictConfig) -> Config:

@@ -20,6 +20,7 @@ from engine.config import (
     key_help,
     override_problems,
     register_configs,
+    sweep_job_name,
     unknown_keys,
     validate,
 )
@@ -339,3 +340,10 @@ def test_pretraining_presets_plan_real_layouts(model, preset, tp, world):
     assert cfg.train.precision == "bf16" and cfg.train.global_batch_size == 512
     assert cfg.train.seq_len == (1024 if model == "gpt2_124m" else 2048)
     assert cfg.optim.lr in (6e-4, 4e-4) and cfg.optim.min_lr == 1e-5 and cfg.train.save_interval == 1000
+
+
+def test_sweep_jobs_are_named_by_their_swept_values():
+    args = ["-m", "optim.lr=1e-3,3e-4", "data.prefix=/d/web", "model=gpt2_tiny,llama_tiny", "train.seed=range(1,3)"]
+    job = ["optim.lr=0.0003", "data.prefix=/d/web", "model=llama_tiny", "train.seed=2"]
+    assert sweep_job_name(3, job, args) == "3_optim.lr=0.0003_model=llama_tiny_train.seed=2"
+    assert sweep_job_name(0, ["data.prefix=/d/a,b"], ["-m", "data.prefix=/d/a,b"]) == "0_data.prefix=_d_a,b"

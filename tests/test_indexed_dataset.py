@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from engine.data import indexed_dataset
 from engine.data.indexed_dataset import (
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -14,6 +15,7 @@ from engine.data.indexed_dataset import (
     merge_shards,
     token_dtype,
 )
+from engine.data.inspect_shards import main as inspect_main
 
 
 def random_docs(rng: np.random.Generator, n: int, high: int) -> list[np.ndarray]:
@@ -164,6 +166,12 @@ CORRUPTIONS = {
     ),
     "doc_index_broken": (lambda p: _patch(p.with_suffix(".idx"), 34 + 3 * 12, struct.pack("<q", 5)),
                          r"document index does not span"),
+    # Second pointer 20 -> 4: the ends still agree with the .bin, only the sampled pointer check sees it.
+    "pointer_contradicts_sizes": (lambda p: _patch(p.with_suffix(".idx"), 34 + 3 * 4 + 8, struct.pack("<q", 4)),
+                                  r"g\.idx: pointer of sequence 1 is 4, but sequence 0 .* ends at byte 20"),
+    # doc_index [0, 1, 2, 3] -> [0, 3, 1, 3]: right ends, wrong order.
+    "doc_index_decreasing": (lambda p: _patch(p.with_suffix(".idx"), 34 + 3 * 12 + 8, struct.pack("<qq", 3, 1)),
+                             r"g\.idx: document index decreases at document 2 \(3 -> 1\)"),
 }
 
 
@@ -176,12 +184,46 @@ def test_corrupt_pair_gives_clear_error(good_shard, case):
         IndexedDataset(good_shard)
 
 
-def test_verify_catches_inconsistent_pointers(good_shard):
-    """A pointer that does not follow from the sizes passes the O(1) open checks but fails verify()."""
-    _patch(good_shard.with_suffix(".idx"), 34 + 3 * 4 + 8, struct.pack("<q", 4))  # second pointer: 20 -> 4
-    ds = IndexedDataset(good_shard)
-    with pytest.raises(ShardFormatError, match="pointer of sequence 1"):
+@pytest.fixture
+def shard_bad_past_sample(tmp_path, monkeypatch):
+    """A 4-sequence shard whose third pointer is wrong, opened with a 1-pair sample that misses it."""
+    write_shard(tmp_path / "b", [np.arange(1, 11), np.arange(5), np.arange(7), np.arange(3)], np.uint16)
+    _patch(tmp_path / "b.idx", 34 + 4 * 4 + 2 * 8, struct.pack("<q", 2))  # pointer 30 -> 2; pair 0 still fine
+    monkeypatch.setattr(indexed_dataset, "OPEN_CHECK_SAMPLES", 1)
+    return tmp_path / "b"
+
+
+def test_verify_checks_every_pointer_the_open_sample_missed(shard_bad_past_sample):
+    """Opening samples pointer pairs; verify() checks all of them and names the first bad one."""
+    ds = IndexedDataset(shard_bad_past_sample)
+    with pytest.raises(ShardFormatError, match=r"b\.idx: pointer of sequence 2 is 2, but sequence 1"):
         ds.verify()
+
+
+def test_open_checks_a_sample_of_pointers_across_a_large_shard(tmp_path):
+    """On a shard with far more sequences than the sample, a bad pointer near the end is still found at open."""
+    n = 20 * indexed_dataset.OPEN_CHECK_SAMPLES
+    with IndexedDatasetBuilder(tmp_path / "big", np.uint16) as b:
+        b.add_flat(np.zeros(n, np.uint16), np.ones(n, np.int32))
+    _patch(tmp_path / "big.idx", 34 + n * 4 + (n - 2) * 8, struct.pack("<q", 0))  # second-to-last pointer
+    # Pair n-2 (an end of the evenly spaced sample) sees it; pair n-3 does too if it falls in the sample.
+    with pytest.raises(ShardFormatError, match=rf"big\.idx: pointer of sequence ({n - 2} is 0|{n - 1} is)"):
+        IndexedDataset(tmp_path / "big")
+
+
+def test_inspect_verify_reports_what_it_checked(good_shard, capsys):
+    """--verify says which shard it verified, its counts, and what was checked."""
+    assert inspect_main([str(good_shard), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert (f"verified {good_shard}: 3 documents, 3 sequences, 45 tokens in a 90-byte .bin; every size, "
+            "pointer and document-index entry consistent") in out
+
+
+def test_inspect_verify_fails_on_a_bad_shard(shard_bad_past_sample, capsys):
+    """--verify exits non-zero on a bad shard, naming the file and the first bad pointer, and prints no 'verified'."""
+    assert inspect_main([str(shard_bad_past_sample), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert "verified" not in out and "error: " in err and "b.idx: pointer of sequence 2 is 2" in err
 
 
 def test_out_of_range_reads_raise(good_shard):

@@ -548,3 +548,67 @@ def test_killed_parent_leaves_no_worker_tracebacks_and_the_next_run_clears_its_f
     preprocess([stdlib_corpus], str(prefix), progress=False, log=lambda m, **kw: messages.append(m))
     assert not list(tmp_path.glob("o*.tmp"))
     assert f"removed 1 temporary file an interrupted run left: {left[0]}" in messages, (left, messages)
+
+
+def help_blocks(parser) -> dict[str, str]:
+    """Each option's --help entry, by its first option string, as one line (wide terminal: no wrapping)."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif current and line.startswith("   "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in blocks.items()}
+
+
+def test_help_shows_each_default_once_and_it_is_the_real_one(monkeypatch):
+    """Every option taking a value and not required ends its help with one '(default: X)'; giving X changes
+    nothing. Flags and required options show none."""
+    from engine.data.preprocess import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    parser = build_parser()
+    blocks = help_blocks(parser)
+    required = ["--input", "in.jsonl", "--output-prefix", "out"]
+    baseline = vars(parser.parse_args(required))
+    for action in parser._actions:
+        opt = action.option_strings[0]
+        if opt == "-h":
+            continue
+        shown = re.findall(r"\(default: ([^()]*(?:\([^()]*\))?[^()]*)\)", blocks[opt])
+        if action.required or action.nargs == 0:
+            assert not shown, f"{opt}: {blocks[opt]}"
+            continue
+        assert len(shown) == 1 and blocks[opt].endswith(f"(default: {shown[0]})"), f"{opt}: {blocks[opt]}"
+        if action.default is not None:  # a value, not a description of what happens without the option
+            given = vars(parser.parse_args([*required, opt, *shown[0].split()]))
+            assert given[action.dest] == baseline[action.dest], f"{opt}: help shows {shown[0]!r}"
+
+
+def test_train_tokenizer_reports_what_it_read(tmp_path, capsys):
+    """train_tokenizer.py says how many files, documents and bytes of text it read, what it skipped, and where
+    the tokenizer went."""
+    from engine.data.train_tokenizer import main
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"hello world {i}"}) + "\n" for i in range(3)))
+    (tmp_path / "b.jsonl").write_text('{"text": "good morning"}\nnot json\n{"text": "good night"}\n')
+    assert main(["--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "t"),
+                 "--vocab-size", "300"]) == 0
+    err = capsys.readouterr().err
+    assert "read 2 files, 5 documents (61 B of text; 1 record skipped); vocabulary " in err
+    assert f"-> {tmp_path / 't' / 'tokenizer.json'}" in err and (tmp_path / "t" / "tokenizer.json").is_file()
+
+
+def test_train_tokenizer_with_no_documents_is_an_error(tmp_path, capsys):
+    """Inputs holding no documents give a non-zero exit and a clear message, not an empty tokenizer."""
+    from engine.data.train_tokenizer import main
+
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert main(["--input", str(tmp_path / "empty.jsonl"), "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "error: no documents in 1 file (1 record skipped); nothing to train a tokenizer on" in err
+    assert not (tmp_path / "t").exists()

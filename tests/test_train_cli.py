@@ -101,12 +101,13 @@ def test_shards_from_another_tokenizer_are_refused(tmp_path):
 
 
 def test_multirun_sweep_gets_one_directory_per_job(tmp_path, shard):
-    """`-m optim.lr=a,b` runs both jobs, each in its own run directory."""
+    """`-m optim.lr=a,b` runs both jobs, each in its own run directory, named by its number and swept value."""
     base = tmp_path / "sweep"
     r = train(["-m", *TINY, "train.steps=2", "train.log_interval=1", "train.eval_interval=0", f"data.prefix={shard}",
                f"train.run_dir={base}", "optim.lr=1e-3,2e-3"], tmp_path)
     assert r.returncode == 0, r.stderr
-    jobs = [base / "multirun" / str(i) for i in (0, 1)]
+    jobs = [base / "multirun" / name for name in ("0_optim.lr=0.001", "1_optim.lr=0.002")]
+    assert sorted(p.name for p in (base / "multirun").iterdir() if p.is_dir()) == [job.name for job in jobs]
     assert all((job / "run_info.json").exists() for job in jobs)
     assert [next(m for m in metrics(job) if "lr" in m)["lr"] for job in jobs] == [1e-3, 2e-3]  # end of warmup
 

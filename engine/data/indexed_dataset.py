@@ -45,6 +45,12 @@ _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 UINT16_VOCAB_LIMIT = 65500
 
 
+# Pointer pairs and document-index steps checked when a shard is opened (evenly spaced, both ends included).
+OPEN_CHECK_SAMPLES = 1000
+# Entries per step of IndexedDataset.verify (a few arrays of this many int64s at a time).
+VERIFY_CHUNK = 1 << 22
+
+
 class ShardFormatError(ValueError):
     """A `.bin`/`.idx` pair that is missing, truncated or not in the MMIDIDX layout."""
 
@@ -82,6 +88,13 @@ def unique_prefixes(paths: Sequence[str]) -> list[str]:
         if prefix not in out:
             out.append(prefix)
     return out
+
+
+def _evenly_spaced(n: int, k: int) -> np.ndarray:
+    """Up to k distinct indices spread evenly over range(n), first and last included (all of them if n <= k)."""
+    if n <= k:
+        return np.arange(max(n, 0))
+    return np.unique(np.linspace(0, n - 1, k).astype(np.int64))
 
 
 def write_index(path: str | os.PathLike, dtype: np.dtype, sizes: np.ndarray, doc_index: np.ndarray) -> None:
@@ -236,7 +249,7 @@ class IndexedDataset:
         self._bin = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
 
     def _check_ends(self, ipath: str, bpath: str) -> None:
-        """O(1) consistency checks that catch truncation and mismatched pairs at open time."""
+        """O(1) and sampled consistency checks that catch truncation, mismatched pairs and corrupt indexes at open."""
         n_seq = len(self.sizes)
         bin_size = os.path.getsize(bpath)
         if len(self.doc_index) == 0 or self.doc_index[0] != 0 or self.doc_index[-1] != n_seq:
@@ -252,20 +265,39 @@ class IndexedDataset:
                 f"{bpath}: {bin_size} bytes but {ipath} describes {need}; the .bin is truncated or belongs to "
                 "another index"
             )
+        # Fancy indexing a memory map reads only the sampled pages, so this stays cheap on huge shards.
+        self._check_pointers(_evenly_spaced(n_seq - 1, OPEN_CHECK_SAMPLES))
+        self._check_doc_index(_evenly_spaced(len(self.doc_index) - 1, OPEN_CHECK_SAMPLES))
+
+    def _check_pointers(self, i: np.ndarray) -> None:
+        """Raise on the first i (in order) whose size is negative or whose next pointer is not where size i puts it."""
+        sizes, start, nxt = self.sizes[i].astype(np.int64), self.pointers[i], self.pointers[i + 1]
+        end = start + sizes * self.dtype.itemsize
+        bad = np.flatnonzero((sizes < 0) | (nxt != end))
+        if len(bad):
+            j, k = int(i[bad[0]]), int(bad[0])
+            raise ShardFormatError(
+                f"{idx_path(self.prefix)}: pointer of sequence {j + 1} is {nxt[k]}, but sequence {j} at byte "
+                f"{start[k]} with {sizes[k]} tokens ends at byte {end[k]}; corrupt index"
+            )
+
+    def _check_doc_index(self, d: np.ndarray) -> None:
+        """Raise on the first d (in order) where the document index decreases from entry d to entry d + 1."""
+        lo, hi = self.doc_index[d], self.doc_index[d + 1]
+        bad = np.flatnonzero(hi < lo)
+        if len(bad):
+            k = int(bad[0])
+            raise ShardFormatError(
+                f"{idx_path(self.prefix)}: document index decreases at document {int(d[k]) + 1} ({lo[k]} -> "
+                f"{hi[k]}); corrupt index"
+            )
 
     def verify(self) -> None:
-        """Full O(n) check: every size non-negative and every pointer where the sizes put it."""
-        ipath = idx_path(self.prefix)
-        if (self.sizes < 0).any():
-            raise ShardFormatError(f"{ipath}: negative sequence sizes")
-        expect = np.zeros(len(self.sizes), dtype=np.int64)
-        if len(self.sizes) > 1:
-            np.cumsum(self.sizes[:-1], dtype=np.int64, out=expect[1:])
-        if not np.array_equal(expect * self.dtype.itemsize, self.pointers):
-            bad = int(np.argmax(expect * self.dtype.itemsize != self.pointers))
-            raise ShardFormatError(f"{ipath}: pointer of sequence {bad} does not follow from the sizes")
-        if (np.diff(self.doc_index) < 0).any():
-            raise ShardFormatError(f"{ipath}: document index is not increasing")
+        """Full O(n) check: every size non-negative, every pointer where the sizes put it, the document index
+        non-decreasing (read in chunks, so memory stays bounded on huge shards)."""
+        for n, check in ((len(self.sizes) - 1, self._check_pointers), (len(self.doc_index) - 1, self._check_doc_index)):
+            for lo in range(0, max(n, 0), VERIFY_CHUNK):
+                check(np.arange(lo, min(lo + VERIFY_CHUNK, n)))
 
     def __len__(self) -> int:
         return len(self.sizes)
