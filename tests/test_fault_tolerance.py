@@ -113,6 +113,13 @@ def kill_trials(tmp_path: Path, reference, kills: list[tuple[int, int]]) -> None
     assert_no_orphans(run)
 
 
+def test_a_kill_restarts_and_matches_the_uninterrupted_run(tmp_path, reference):
+    """Rank 5 killed in step 6: the restart resumes from step 4 (make test-slow kills twice in one job, and ten
+    times at random)."""
+    kill_trials(tmp_path, reference, [(5, 6)])
+
+
+@pytest.mark.slow
 def test_two_kills_restart_and_match_the_uninterrupted_run(tmp_path, reference):
     """Rank 5 killed in step 3 (resumes from step 2), then rank 2 in step 6 of the restart (resumes from 6's
     predecessor, step 4)."""

@@ -81,6 +81,7 @@ def test_sigusr1_to_the_launcher_checkpoints_and_exits_75(tmp_path, cli_shard, l
     assert (run / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_a_stop_signal_delivered_twice_at_once_still_checkpoints(tmp_path, cli_shard, launch):  # noqa: F811
     """SIGTERM to the whole process group (as `scancel` and Ctrl-C-like tools do): each rank gets it directly and
     again from the launcher, and must take both as one request."""
