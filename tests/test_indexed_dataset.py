@@ -169,6 +169,8 @@ CORRUPTIONS = {
     # Second pointer 20 -> 4: the ends still agree with the .bin, only the sampled pointer check sees it.
     "pointer_contradicts_sizes": (lambda p: _patch(p.with_suffix(".idx"), 34 + 3 * 4 + 8, struct.pack("<q", 4)),
                                   r"g\.idx: pointer of sequence 1 is 4, but sequence 0 .* ends at byte 20"),
+    "last_size_negative": (lambda p: _patch(p.with_suffix(".idx"), 34 + 2 * 4, struct.pack("<i", -1)),
+                           r"g\.idx: last sequence size is -1, negative"),
     # doc_index [0, 1, 2, 3] -> [0, 3, 1, 3]: right ends, wrong order.
     "doc_index_decreasing": (lambda p: _patch(p.with_suffix(".idx"), 34 + 3 * 12 + 8, struct.pack("<qq", 3, 1)),
                              r"g\.idx: document index decreases at document 2 \(3 -> 1\)"),

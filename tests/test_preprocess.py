@@ -337,7 +337,7 @@ def test_tools_run_by_path_from_anywhere(tmp_path):
     r = run_tool("inspect_shards", "s/all", "--tokenizer", "tok", "--decode", "0", "--verify", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     first = json.loads((tmp_path / "c.jsonl").read_text().splitlines()[0])["text"]
-    assert first in r.stdout and "length histogram" in r.stdout
+    assert first in r.stdout and "length histogram" in r.stdout and "verified s/all: " in r.stdout
     r = run_tool("preprocess_data", "--input", "missing.jsonl", "--output-prefix", "y", cwd=tmp_path)
     assert r.returncode == 2 and "error: missing.jsonl: no such file" in r.stderr
     r = run_tool("inspect_shards", "s/nothing", cwd=tmp_path)

@@ -243,12 +243,12 @@ class IndexedDataset:
         self.sizes = np.frombuffer(buf, dtype=np.int32, count=n_seq, offset=HEADER_SIZE)
         self.pointers = np.frombuffer(buf, dtype=np.int64, count=n_seq, offset=HEADER_SIZE + 4 * n_seq)
         self.doc_index = np.frombuffer(buf, dtype=np.int64, count=n_doc, offset=HEADER_SIZE + 12 * n_seq)
-        self._check_ends(ipath, bpath)
+        self._check_on_open(ipath, bpath)
         bin_size = os.path.getsize(bpath)
         # np.memmap cannot map an empty file; an empty shard has no tokens to read anyway.
         self._bin = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
 
-    def _check_ends(self, ipath: str, bpath: str) -> None:
+    def _check_on_open(self, ipath: str, bpath: str) -> None:
         """O(1) and sampled consistency checks that catch truncation, mismatched pairs and corrupt indexes at open."""
         n_seq = len(self.sizes)
         bin_size = os.path.getsize(bpath)
@@ -259,6 +259,8 @@ class IndexedDataset:
         else:
             if self.pointers[0] != 0:
                 raise ShardFormatError(f"{ipath}: first sequence pointer is {self.pointers[0]}, expected 0")
+            if self.sizes[-1] < 0:  # the pair checks below cover every other size
+                raise ShardFormatError(f"{ipath}: last sequence size is {self.sizes[-1]}, negative")
             need = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
         if bin_size != need:
             raise ShardFormatError(
@@ -293,8 +295,8 @@ class IndexedDataset:
             )
 
     def verify(self) -> None:
-        """Full O(n) check: every size non-negative, every pointer where the sizes put it, the document index
-        non-decreasing (read in chunks, so memory stays bounded on huge shards)."""
+        """Full O(n) check: sizes non-negative, pointers where the sizes put them, document index non-decreasing."""
+        # In chunks, so memory stays bounded on huge shards.
         for n, check in ((len(self.sizes) - 1, self._check_pointers), (len(self.doc_index) - 1, self._check_doc_index)):
             for lo in range(0, max(n, 0), VERIFY_CHUNK):
                 check(np.arange(lo, min(lo + VERIFY_CHUNK, n)))

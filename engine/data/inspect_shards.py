@@ -35,6 +35,17 @@ def document_lengths(ds: IndexedDataset) -> np.ndarray:
     return per_seq[ds.doc_index[1:]] - per_seq[ds.doc_index[:-1]]
 
 
+def verified_line(ds: IndexedDataset) -> str:
+    """What `IndexedDataset` (on open) and `verify()` together established about a shard, in one line."""
+    return (
+        f"verified {ds.prefix}: {ds.num_documents:,} documents, {len(ds):,} sequences, {ds.num_tokens:,} tokens "
+        f"in a {ds.num_tokens * ds.dtype.itemsize:,}-byte .bin; every size, pointer and document-index entry "
+        f"consistent (header and .idx length valid, sizes non-negative, each sequence starting where the one "
+        f"before ends, the last ending at the end of the .bin, document index non-decreasing from 0 to "
+        f"{len(ds):,}); token ids not checked"
+    )
+
+
 def describe(prefixes: Sequence[str], verify: bool = False) -> tuple[list[IndexedDataset], str]:
     """Open every shard and return the report text."""
     shards, lines, all_lengths = [], [], []
@@ -49,6 +60,8 @@ def describe(prefixes: Sequence[str], verify: bool = False) -> tuple[list[Indexe
             f"{prefix}: {ds.num_documents:,} documents, {len(ds):,} sequences, {ds.num_tokens:,} tokens "
             f"({ds.dtype}, {format_bytes(ds.num_tokens * ds.dtype.itemsize)})"
         )
+        if verify:
+            lines.append(verified_line(ds))
     lengths = np.concatenate(all_lengths) if all_lengths else np.zeros(0, np.int64)
     if len(shards) > 1:
         lines.append(f"total: {len(lengths):,} documents, {int(lengths.sum()):,} tokens in {len(shards)} shards")
@@ -97,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="print document N (counted across the shards in order) decoded to text")
     p.add_argument("--tokenizer", default="byte", metavar="PATH|byte", help="tokenizer used to write the shards")
     p.add_argument("--ids", action="store_true", help="with --decode, also print the token ids")
-    p.add_argument("--verify", action="store_true", help="check every pointer against the sizes (reads the index)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every size, pointer and document-index entry of the .idx (reads the whole index, "
+                   "not the tokens) and say what was verified")
     p.add_argument("--entropy", action="store_true",
                    help="also print the token unigram entropy (nats/token; reads every token): the loss a model "
                    "that ignores context would reach")

@@ -411,13 +411,26 @@ def _first_batch_self_check(tok, files, keys, txt_split, batch_bytes, log) -> bo
 
 
 # ----------------------------------------------------------------------------------------------- command line
+class _DefaultHelpFormatter(argparse.HelpFormatter):
+    """Ends the help of every option that takes a value and is not required with one "(default: X)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # Flags are off unless given, and help that describes its own default (a None one) says it already.
+        if action.required or action.nargs == 0 or "(default: " in text:
+            return text
+        value = action.default
+        shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The preprocess_data.py command line."""
     p = argparse.ArgumentParser(
         prog="preprocess_data.py",
         description="Tokenize a corpus into memory-mapped token shards (Megatron's .bin/.idx MMIDIDX layout). "
         "Each document becomes one sequence: its tokens followed by the end-of-document id.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", dest="inputs",
                    help="files, directories (searched recursively, symlinks followed) or globs; .jsonl/.json/.ndjson, "
@@ -431,10 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                    help="JSON/parquet fields holding the text; each key becomes its own output")
     p.add_argument("--eod-token", default=None, metavar="TOKEN",
-                   help="end-of-document token appended to every document (default: <|endoftext|>, else </s>)")
+                   help="end-of-document token appended to every document (default: <|endoftext|> if the tokenizer has "
+                   "it, else </s>)")
     p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                    help="split the output into PREFIX_00000.bin, PREFIX_00001.bin, ... of at most SIZE bytes of "
-                   "tokens each (e.g. 512MB, 2GiB); default: one shard")
+                   "tokens each (e.g. 512MB, 2GiB) (default: one shard)")
     p.add_argument("--txt-split", choices=TXT_SPLITS, default="file",
                    help="for .txt inputs: a whole file is one document, or each line is one")
     p.add_argument("--strict", action="store_true",
@@ -442,12 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "UTF-8, empty document, damaged file) instead of skipping and counting it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output shards with this prefix (only once the new ones are complete)")
-    p.add_argument("--batch-size", type=parse_size, default=parse_size("1MB"), metavar="SIZE", dest="batch_bytes",
+    # A string default goes through `type` like a typed value, so --help shows it as a user would write it.
+    p.add_argument("--batch-size", type=parse_size, default="1MB", metavar="SIZE", dest="batch_bytes",
                    help="raw input bytes per work item sent to a worker")
     p.add_argument("--no-fast-tokenizer", dest="fast_tokenizer", action="store_false",
                    help="never use gigatoken, even when installed and checked identical to Hugging Face")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress reports at all (default: a bar on a terminal, elsewhere a line every 30 s)")
+                   help="no progress reports at all; without it, a bar on a terminal, elsewhere a line every 30 s")
     return p
 
 

@@ -5,20 +5,60 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from engine.data.sources import TXT_SPLITS, document_texts, expand_inputs, read_batches
+from engine.data.progress import format_bytes
+from engine.data.sources import TXT_SPLITS, InputError, document_texts, expand_inputs, read_batches
 from engine.data.tokenizer import DEFAULT_EOD_TOKENS
 
 
-def iter_texts(inputs: Sequence[str], keys: Sequence[str], txt_split: str = "file") -> Iterator[str]:
-    """Every document text of the inputs, read the same way the preprocessor reads them (bad records left out)."""
+def _count(n: int, noun: str) -> str:
+    """"1 file", "3 files"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _to_stderr(line: str) -> None:
+    """train_tokenizer's default log."""
+    print(line, file=sys.stderr)
+
+
+@dataclass
+class ReadStats:
+    """What `iter_texts` has read so far."""
+
+    files: int = 0
+    documents: int = 0
+    text_bytes: int = 0  # UTF-8 bytes of the documents' text
+    skipped: int = 0  # records (or a damaged file's remainder) left out, as the preprocessor would skip them
+
+    @property
+    def skipped_note(self) -> str:
+        """E.g. "2 records skipped", or "" when nothing was."""
+        return f"{_count(self.skipped, 'record')} skipped" if self.skipped else ""
+
+    def describe(self) -> str:
+        """E.g. "3 files, 12,345 documents (4.2 MB of text; 2 records skipped)"."""
+        note = f"; {self.skipped_note}" if self.skipped else ""
+        return (f"{_count(self.files, 'file')}, {_count(self.documents, 'document')} "
+                f"({format_bytes(self.text_bytes)} of text{note})")
+
+
+def iter_texts(inputs: Sequence[str], keys: Sequence[str], txt_split: str = "file",
+               stats: ReadStats | None = None) -> Iterator[str]:
+    """Every document text of the inputs, read as the preprocessor reads them; `stats`, if given, counts them."""
+    stats = ReadStats() if stats is None else stats
     for path in expand_inputs(inputs):
+        stats.files += 1
         for batch in read_batches(path, keys, txt_split=txt_split):
-            texts, _ = document_texts(batch, keys, txt_split)
+            texts, skips = document_texts(batch, keys, txt_split)
+            stats.skipped += len(skips) + len(batch.skips)
             for k in keys:
-                yield from (t for t, _ in texts[k])
+                for t, _ in texts[k]:
+                    stats.documents += 1
+                    stats.text_bytes += len(t.encode("utf-8"))
+                    yield t
 
 
 def train_tokenizer(
@@ -29,9 +69,12 @@ def train_tokenizer(
     special_tokens: Sequence[str] = (DEFAULT_EOD_TOKENS[0],),
     min_frequency: int = 2,
     txt_split: str = "file",
+    log: Callable[[str], None] = _to_stderr,
 ) -> Path:
-    """Train and save `tokenizer.json`; `output` is the file or a directory to hold it. Returns the file path."""
+    """Train, save and `log` a line on `tokenizer.json` (`output`: it or its directory); InputError if no documents."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t0 = time.perf_counter()
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -43,12 +86,21 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=sys.stderr.isatty(),
     )
-    tok.train_from_iterator(iter_texts(inputs, json_keys, txt_split), trainer=trainer)
+    stats = ReadStats()
+    tok.train_from_iterator(iter_texts(inputs, json_keys, txt_split, stats), trainer=trainer)
+    if not stats.documents:
+        note = f" ({stats.skipped_note})" if stats.skipped else ""
+        raise InputError(f"no documents in {_count(stats.files, 'file')}{note}; nothing to train a tokenizer on")
     out = Path(output)
     if out.suffix != ".json":
         out = out / "tokenizer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out))
+    vocab = tok.get_vocab_size()
+    # A small corpus can run out of merges before the requested size.
+    short = f" (of {vocab_size:,} requested: no more merges to learn)" if vocab < vocab_size else ""
+    log(f"read {stats.describe()}; vocabulary {vocab:,}{short}, byte-level BPE trained in "
+        f"{time.perf_counter() - t0:.1f} s -> {out}")
     return out
 
 
@@ -71,9 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.vocab_size < 256 + len(args.special_tokens):
         p.error(f"--vocab-size must be at least {256 + len(args.special_tokens)} (256 bytes + special tokens)")
-    t0 = time.perf_counter()
-    path = train_tokenizer(args.input, args.output, args.vocab_size, args.json_keys, args.special_tokens,
-                           args.min_frequency, args.txt_split)
-    print(f"trained a {args.vocab_size}-token byte-level BPE in {time.perf_counter() - t0:.1f} s -> {path}",
-          file=sys.stderr)
+    try:
+        train_tokenizer(args.input, args.output, args.vocab_size, args.json_keys, args.special_tokens,
+                        args.min_frequency, args.txt_split)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
