@@ -116,7 +116,9 @@ def test_greedy_generate_matches_transformers(name, tmp_path, bpe_tokenizer):
     assert continuation == hf_ids and len(continuation) > 5
     assert stdout == hf_tok.decode(prompt + hf_ids) + "\n"
     assert stdout.startswith(PROMPT)
-    from_hf_dir = subprocess.run(  # generate.py reads the transformers directory itself too
+    if arch == "gpt2":
+        return
+    from_hf_dir = subprocess.run(  # generate.py reads the transformers directory itself too (Llama with a BPE)
         [sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(tmp_path / "hf"), "--prompt", PROMPT,
          "--max-new-tokens", str(n), "--greedy", "--device", "cpu"],
         capture_output=True, check=True, cwd=tmp_path).stdout.decode("utf-8")

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from engine.data.preprocess import preprocess
 from engine.parallel.state import ParallelState
+from engine.train import configuration_problems
 from engine.training.trainer import Trainer
 from tests.test_trainer import tiny_config, write_pattern_shard
 
@@ -70,10 +71,8 @@ def test_run_directory_contents(tmp_path, shard):
     ("optim.impl=fused", "optim.impl=fused needs CUDA"),
     ("train.device=cuda", "train.device=cuda but no CUDA device"),
     ("kernels.backend=triton", "kernels.backend='triton'"),
-    ("optim.lr=inf", "optim.lr=inf is not a finite number"),
-    # would build a sample index of ~10^16 GiB; a Llama sample of 10^9 tokens, activations of ~10^5 GiB
+    # would build a sample index of ~10^16 GiB (the Llama sample of 10^9 tokens: test_runs_that_cannot_fit...)
     ("train.steps=1000000000000000000000", "the sample indices for 8,000,000,000,000,000,000,000 train"),
-    ("model.arch=llama train.seq_len=1000000000", "a rank would need about"),
 ])
 def test_bad_configuration_exits_2_before_starting(tmp_path, shard, override, message):
     """Bad values, and files or devices that do not exist, exit 2 naming the key; no run directory appears."""
@@ -262,10 +261,20 @@ def test_every_problem_comes_in_one_message(tmp_path, shard):
                     "model.hidden_size=32 is not divisible by model.num_heads=3"):
         assert message in r.stderr, r.stderr
     assert "model.vocab_size=None" not in r.stderr
-    r = train([*TINY, "train.stpes=3", "model=llama_tin"], tmp_path)
-    assert r.returncode == 2 and "did you mean train.steps?" in r.stderr
-    assert "did you mean model=llama_tiny?" in r.stderr
-    assert "To append to your config use +" not in r.stderr
+
+
+def test_runs_that_cannot_fit_are_refused_at_start(tmp_path, monkeypatch):
+    """A Llama sample of 10^9 tokens over a 21k-token shard: its sample index (~43 GiB) and a rank's activations
+    (~10^4 GiB) are both named, before anything is built (in process: what the CLI runs before any process group)."""
+    cfg = tiny_config(write_pattern_shard(tmp_path / "shard"), str(tmp_path / "cache"), "llama")
+    cfg.train.seq_len = 10**9
+    for module in ("engine.data.builder", "engine.training.memory"):  # a 16 GiB host, whatever this one has
+        monkeypatch.setattr(f"{module}.available_host_memory", lambda: 16 * 2**30)
+    problems = configuration_problems(cfg, 1, tmp_path / "run")
+    assert any(p.startswith("data: the sample indices for") and "samples of 1,000,000,000 tokens" in p
+               for p in problems), problems
+    assert any(p.startswith("a rank would need about") for p in problems), problems
+    assert not (tmp_path / "cache").exists()
 
 
 def test_data_split_takes_the_list_form(tmp_path, shard):
