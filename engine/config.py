@@ -449,17 +449,22 @@ _INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "search
 _BOOLEANS = {"true", "false", "yes", "no", "on", "off", "y", "n", "1", "0"}
 
 
-def all_keys(schema: type = Config, path: str = "") -> dict[str, Any]:
-    """Every dotted key of the schema and its type hint."""
-    out = {}
+def _leaf_fields(schema: type = Config, path: str = "") -> list[tuple[str, type, dataclasses.Field, Any]]:
+    """(dotted key, its dataclass, its field, its type hint) for every setting of the schema, in order."""
+    out = []
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         nested = _nested_schema(schema, f.name)
         if nested is not None and dataclasses.is_dataclass(nested):
-            out.update(all_keys(nested, f"{path}{f.name}."))
+            out += _leaf_fields(nested, f"{path}{f.name}.")
         else:
-            out[f"{path}{f.name}"] = hints[f.name]
+            out.append((f"{path}{f.name}", schema, f, hints[f.name]))
     return out
+
+
+def all_keys() -> dict[str, Any]:
+    """Every dotted key of the schema and its type hint."""
+    return {key: hint for key, _, _, hint in _leaf_fields()}
 
 
 def override_problems(args: Sequence[str], conf_dir: str | os.PathLike) -> list[str]:
@@ -568,21 +573,10 @@ def key_help() -> str:
     """`--help`'s key list: each key with its type, default and the first line of the comment that explains it here."""
     notes = _field_comments()
     rows = []
-
-    def walk(schema: type, path: str) -> None:
-        hints = typing.get_type_hints(schema)
-        for f in dataclasses.fields(schema):
-            nested = _nested_schema(schema, f.name)
-            if nested is not None and dataclasses.is_dataclass(nested):
-                walk(nested, f"{path}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            hint = hints[f.name]
-            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
-            rows.append((f"{path}{f.name}", f"{kind} = {json.dumps(default)}",
-                         notes.get((schema.__name__, f.name), "")))
-
-    walk(Config, "")
+    for key, schema, f, hint in _leaf_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+        rows.append((key, f"{kind} = {json.dumps(default)}", notes.get((schema.__name__, f.name), "")))
     width = max(len(k) for k, _, _ in rows)
     kinds = max(len(t) for _, t, _ in rows)
     return "\n".join(f"  {k:<{width}}  {t:<{kinds}}  {note}".rstrip() for k, t, note in rows)
