@@ -403,6 +403,18 @@ def code_running_overrides(args: list[str]) -> list[str]:
     return out
 
 
+def command_line_problems(args: list[str]) -> list[str]:
+    """What `cli` refuses in `args` before Hydra sees them: overrides that would run code (unless ALLOW_HYDRA_CODE
+    is among them), and `override_problems`."""
+    allowed = ALLOW_HYDRA_CODE in args
+    args = [a for a in args if a != ALLOW_HYDRA_CODE]
+    refused = [] if allowed else code_running_overrides(args)
+    problems = [f"{' '.join(refused)}: Hydra would import and call what this names at start-up; a command-line "
+                f"override may not run code unless {ALLOW_HYDRA_CODE} is given (put trusted callbacks in a config file "
+                "instead: configs are code, docs/training.md)"] if refused else []
+    return problems + override_problems(args, CONF_DIR)
+
+
 def _plain_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings for people running a job: the message, not the source line that raised it."""
     return f"warning: {message}\n"
@@ -439,14 +451,9 @@ def cli() -> None:
         if world_from_env()[0] == 0:
             print(f"note: this launch's ranks already ended with exit {earlier}; not restarting", file=sys.stderr)
         sys.exit(earlier)
-    allowed = ALLOW_HYDRA_CODE in sys.argv
-    if allowed:
+    problems = command_line_problems(sys.argv[1:])
+    if ALLOW_HYDRA_CODE in sys.argv:  # ours, not Hydra's
         sys.argv.remove(ALLOW_HYDRA_CODE)
-    refused = [] if allowed else code_running_overrides(sys.argv[1:])
-    problems = [f"{' '.join(refused)}: Hydra would import and call what this names at start-up; a command-line "
-                f"override may not run code unless {ALLOW_HYDRA_CODE} is given (put trusted callbacks in a config file "
-                "instead: configs are code, docs/training.md)"] if refused else []
-    problems += override_problems(sys.argv[1:], CONF_DIR)
     if problems:  # every one at once, where Hydra would stop at the first with its own advice (add `+`)
         if world_from_env()[0] == 0:
             print(f"error: {format_errors(problems)}", file=sys.stderr)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from engine.config import ConfigError, override_problems
-from engine.train import ALLOW_HYDRA_CODE, CONF_DIR, code_running_overrides, configuration_problems, to_config
+from engine.config import ConfigError
+from engine.train import CONF_DIR, command_line_problems, configuration_problems, to_config
 
 REPO = Path(__file__).resolve().parent.parent
 SBATCH_GPUS_PER_NODE = 8  # slurm/pretrain.sbatch's --gpus-per-node and --ntasks-per-node
@@ -146,8 +146,7 @@ def problems_of(args: list[str], world: int) -> list[str]:
     example path (/data/tokenizer.json) stands for the user's own: the demo's is read instead."""
     args = [a if not a.startswith("data.tokenizer=") or Path(a.split("=", 1)[1]).exists()
             else "data.tokenizer=runs/demo/tokenizer" for a in args]
-    problems = [] if ALLOW_HYDRA_CODE in args else code_running_overrides(args)
-    problems += override_problems([a for a in args if a != ALLOW_HYDRA_CODE], CONF_DIR)
+    problems = command_line_problems(args)
     if problems:
         return problems
     for overrides in jobs(args):
