@@ -309,3 +309,21 @@ def test_retention_keeps_the_last_checkpoint_saved_with_a_finite_loss(tmp_path, 
     trainer.train_step()
     trainer.save()
     assert step_dirs(tmp_path) == [4]
+
+
+def test_retention_judges_the_fallback_as_a_resume_does(tmp_path, shard):
+    """keep_last=2; step 3's random state damaged after its save, step 4 saved with NaN weights: a resume would
+    refuse both, so pruning must keep step 2 (taking step 3, by its metadata alone, for the fallback lost it)."""
+    cfg = tiny_config(*shard)
+    cfg.train.steps, cfg.train.keep_last, cfg.train.eval_interval = 4, 2, 0
+    trainer = start_trainer(cfg, tmp_path)
+    for _ in range(3):
+        trainer.train_step()
+        trainer.save()
+    rewrite(checkpoints_dir(tmp_path) / step_dir_name(3), "rng-rank00000.safetensors",
+            safetensors_bytes({"cpu": torch.zeros(3, dtype=torch.uint8)}))
+    poison(trainer)
+    trainer.train_step()
+    trainer.save()
+    assert step_dirs(tmp_path) == [2, 3, 4]
+    assert find_resume_checkpoint(tmp_path, SINGLE, fallback=True) == checkpoints_dir(tmp_path) / step_dir_name(2)

@@ -165,17 +165,11 @@ def check_checkpoint(path: Path, state: ParallelState, verify: bool, fields: dic
     random state unreadable; with `verify`, a file whose SHA-256 differs from the manifest (each rank re-hashing
     its share).
     """
-    problems = []
     try:
         meta = read_meta(path, fields)
-        if meta.get("finite_weights") is False:
-            problems.append(f"{path / 'meta.json'}: saved with non-finite (NaN or Inf) weights")
-        if (meta["tp"], meta["pp"], meta["dp"]) == (state.tp, state.pp, state.dp):
-            read_rng_state(path / f"rng-rank{state.rank:05d}.safetensors")
-        records = read_manifest(path) if verify else None
-        if records is not None:
-            names = sorted(records)[state.rank::state.world_size]
-            problems += checksum_problems(path, records, names)
+        same_layout = (meta["tp"], meta["pp"], meta["dp"]) == (state.tp, state.pp, state.dp)
+        problems = _content_problems(path, meta, [f"rng-rank{state.rank:05d}.safetensors"] if same_layout else [],
+                                     slice(state.rank, None, state.world_size) if verify else None)
     except CheckpointError as e:
         problems = [str(e)]
     if state.world_size > 1:
@@ -183,6 +177,20 @@ def check_checkpoint(path: Path, state: ParallelState, verify: bool, fields: dic
         comm.all_gather_object(every, problems)
         problems = sorted({p for rank in every for p in rank})
     return "; ".join(problems) or None
+
+
+def _content_problems(path: Path, meta: dict, rng_files: list[str], hashed: slice | None) -> list[str]:
+    """What a resume would find wrong inside the checkpoint at `path` (its `meta` read and checked): weights saved
+    non-finite, the random states `rng_files` unreadable (CheckpointError), and with `hashed` (the manifest's
+    files, sorted, that this process re-hashes) files whose SHA-256 differs from the manifest."""
+    problems = [f"{path / 'meta.json'}: saved with non-finite (NaN or Inf) weights"] \
+        if meta.get("finite_weights") is False else []
+    for name in rng_files:
+        read_rng_state(path / name)
+    records = read_manifest(path) if hashed is not None else None
+    if records is not None:
+        problems += checksum_problems(path, records, sorted(records)[hashed])
+    return problems
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -421,18 +429,20 @@ def prune(root: Path, retention: Retention, fresh: Path | None = None) -> None:
 
 
 def _fallback_steps(root: Path, steps: list[int], verify: bool, fresh: Path | None) -> set[int]:
-    """The newest step a fallback resume would take, and the newest good one (finite loss too), newest first."""
+    """The newest step a fallback resume would take, and the newest good one (finite loss too), newest first.
+
+    Judged as `check_checkpoint` judges it, for any rank: every rank's random state, every file re-hashed under
+    `verify`; `fresh`, whose files were just written and hashed, only by its metadata.
+    """
     resumable = good = None
     for s in reversed(steps):
         path = root / step_dir_name(s)
         try:
             meta = read_meta(path, RESUME_FIELDS)
-            records = read_manifest(path) if verify and path != fresh else None
-            if records is not None and checksum_problems(path, records, sorted(records)):
+            rng_files = [] if path == fresh else sorted(f.name for f in path.glob("rng-rank*.safetensors"))
+            if _content_problems(path, meta, rng_files, slice(None) if verify and path != fresh else None):
                 continue
         except CheckpointError:
-            continue
-        if meta.get("finite_weights") is False:
             continue
         resumable = s if resumable is None else resumable
         if meta.get("finite_loss") is not False:
