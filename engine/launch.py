@@ -41,10 +41,14 @@ def record_exit(code: int) -> None:
         path.write_text(str(code))
 
 
+def recorded_codes(where: str | None) -> list[int]:
+    """The final codes ranks recorded in the exit directory `where` (none without one)."""
+    return [int(p.read_text()) for p in Path(where).glob("rank-*")] if where else []
+
+
 def recorded_exit() -> int | None:
     """Rank side: the final code an earlier attempt of this launch recorded (a stop, a refused config), or None."""
-    where = os.environ.get(EXIT_DIR_ENV)
-    codes = {int(p.read_text()) for p in Path(where).glob("rank-*")} if where else set()
+    codes = recorded_codes(os.environ.get(EXIT_DIR_ENV))
     return min(codes) if codes else None
 
 
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = failure_code([f.exitcode for f in failures])
     except SignalException as e:
         # torchrun passed the signal on and waited for the ranks; those that saved and stopped recorded 75
-        recorded = [int(p.read_text()) for p in Path(exit_dir).glob("rank-*")]
+        recorded = recorded_codes(exit_dir)
         local = str(args.nproc_per_node)  # a count, or torchrun's gpu/cpu/auto
         everyone = len(recorded) == int(local) if local.isdigit() else bool(recorded)
         code = 75 if everyone and set(recorded) == {75} else 128 + e.sigval
