@@ -89,18 +89,22 @@ demo-3d: $(STAMP)
 	$(PY) tools/compare_runs.py $(RUN)_3d/train $(RUN)/train --rtol 5e-3
 
 # Everything only a GPU can show, in the order worth spending a short GPU lease on; outputs in runs/gpu/ for
-# docs/results.md. Needs a CUDA build of torch in the venv (see README: TORCH=...).
+# docs/results.md. Needs a CUDA build of torch in the venv (see README: TORCH=...); on a machine whose python3
+# already holds torch, triton and pytest and which cannot install: `make gpu-check PY=python3 STAMP=`.
 GPU_OUT ?= runs/gpu
 gpu-check: SHELL := /bin/bash
 gpu-check: .SHELLFLAGS := -o pipefail -c
 gpu-check: $(STAMP)
 	mkdir -p $(GPU_OUT)
-	$(PY) -m pytest -q -m gpu tests/test_kernels_triton.py 2>&1 | tee $(GPU_OUT)/kernel_tests.txt
-	$(PY) tools/bench_kernels.py 2>&1 | tee $(GPU_OUT)/bench_kernels.txt
+	@# every step runs even after one fails (a lease is too short to find failures one at a time); fails if any did
+	export PYTHONUNBUFFERED=1; status=0; \
+	$(PY) -m pytest -q tests/test_kernels_triton.py 2>&1 | tee $(GPU_OUT)/kernel_tests.txt || status=1; \
 	$(PY) tools/bench_train.py --device cuda --precision bf16 --model gpt2_124m --seq-len 1024 --batch 16 \
-		--vocab 50304 --kernels torch triton 2>&1 | tee $(GPU_OUT)/bench_train_124m.txt
+		--vocab 50304 --kernels torch triton 2>&1 | tee $(GPU_OUT)/bench_train_124m.txt || status=1; \
 	$(PY) tools/bench_train.py --device cuda --precision bf16 --model llama_1b --seq-len 2048 --batch 4 \
-		--vocab 32000 --kernels torch triton 2>&1 | tee $(GPU_OUT)/bench_train_1b.txt
+		--vocab 32000 --kernels torch triton 2>&1 | tee $(GPU_OUT)/bench_train_1b.txt || status=1; \
+	$(PY) tools/bench_kernels.py 2>&1 | tee $(GPU_OUT)/bench_kernels.txt || status=1; \
+	exit $$status
 
 bench: $(STAMP)
 	$(PY) tools/bench_preprocess.py --workdir runs/bench

@@ -5,8 +5,8 @@ kernels; `auto` = the references, for now.
 kernels.attention: `sdpa`, `triton`, `flash_attn` (flash-attn's flash_attn_func); `auto` = on CUDA with fp16/bf16
 inputs flash-attn when it imports, SDPA otherwise.
 
-`auto` leaves our Triton kernels out until they have passed their tests compiled on a GPU (so far they are proven
-only through the CPU interpreter); ask for them with `triton`. Making `auto` pick them is one line each below.
+`auto` leaves our Triton kernels out: they pass their tests compiled on an H200, but beat the references there only
+for some kernels (docs/results.md); ask for them with `triton`.
 
 On CPU the Triton kernels run only through Triton's interpreter (TRITON_INTERPRET=1, set before the kernels are
 imported): a correctness tool ~1000x slower than the references, so `auto` never picks it.
@@ -41,7 +41,7 @@ def resolve_backend(backend: str | None = None, device: torch.device | None = No
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "torch"  # see the module docstring: Triton joins `auto` once validated on a GPU
+        return "torch"  # see the module docstring
     _require_triton("kernels.backend='triton'", device, "use kernels.backend=auto or kernels.backend=torch")
     return "triton"
 

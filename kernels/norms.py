@@ -15,6 +15,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         from kernels import triton_norms  # lazily: plain-PyTorch runs never import Triton
 
         return triton_norms.layer_norm(x, weight, bias, eps)
+    if weight.dtype != x.dtype:
+        # CUDA's layer_norm refuses a half input with fp32 affine parameters (CPU's takes it): normalise in fp32, as
+        # autocast does for F.layer_norm and as the Triton kernel does, then cast back to x's dtype.
+        return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 

@@ -173,7 +173,7 @@ def main() -> int:
         cfg.model.max_seq_len = args.seq_len
         cfg.data.prefix, cfg.data.split, cfg.data.cache_dir = f"{tmp}/shard", "99,1,0", f"{tmp}/cache"
         cfg.data.tokenizer = "byte"  # only checkpoints read it; none are written here
-        cfg.train.steps = args.warmup + args.steps
+        cfg.train.steps = args.warmup + args.steps + 1  # + the step that measures peak memory
         cfg.train.seq_len, cfg.train.micro_batch_size = args.seq_len, args.batch
         cfg.train.global_batch_size, cfg.train.precision = args.batch, args.precision
         cfg.logging.console = False
