@@ -89,15 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures = [e.failures[first], *(f for rank, f in e.failures.items() if rank != first)]
         code = failure_code([f.exitcode for f in failures])
     except SignalException as e:
-        # torchrun passed the signal on and waited for the ranks; those that saved and stopped recorded 75
+        # torchrun passed the signal on and waited for the ranks; those that saved and stopped recorded 75. Ranks
+        # that were ending by themselves keep their own code: srun --kill-on-bad-exit signals this node's launcher
+        # when another node's refused the configuration (2) as this node's ranks did the same.
         recorded = recorded_codes(exit_dir)
         local = str(args.nproc_per_node)  # a count, or torchrun's gpu/cpu/auto
         everyone = len(recorded) == int(local) if local.isdigit() else bool(recorded)
-        code = 75 if everyone and set(recorded) == {75} else 128 + e.sigval
-        if code != 75:
-            print(f"weft-launch: {signal.Signals(e.sigval).name}: {len(recorded)} rank(s) stopped after a "
+        code = recorded[0] if everyone and len(set(recorded)) == 1 else 128 + e.sigval
+        if code == 128 + e.sigval:
+            print(f"weft-launch: {signal.Signals(e.sigval).name}: {recorded.count(75)} rank(s) stopped after a "
                   f"checkpoint before --shutdown-timeout ({args.shutdown_timeout} s) ran out", file=sys.stderr)
     finally:
+        # The ranks are gone and the code is settled. A signal from here on (srun --kill-on-bad-exit ending the other
+        # nodes' launchers once the first exits) must not kill this process during its exit, turning 75 into 143.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         shutil.rmtree(exit_dir, ignore_errors=True)
     if code:
         print(f"weft-launch: exit {code}" + (f" ({MEANING[code]})" if code in MEANING else " (see the ranks' "
