@@ -34,10 +34,11 @@ setup(
         # A faster encoder for HF BPE tokenizers; used only after it reproduces HF's ids on a sample.
         "fast": ["gigatoken>=0.10", "awkward>=2"],
         "wandb": ["wandb>=0.31"],
+        "tensorboard": ["tensorboard>=2.14"],  # logging.tensorboard=true (torch's SummaryWriter needs it)
         # transformers: our GPT-2 and Llama forward passes are tested against its models (nothing downloaded).
         # triton: the kernels' tests run it through its CPU interpreter (Linux wheels only; skipped elsewhere).
         "test": ["pytest>=8", "ruff>=0.6", "gigatoken>=0.10", "awkward>=2", "transformers>=5", "wandb>=0.31",
-                 "triton>=3.6; platform_system == 'Linux'"],
+                 "tensorboard>=2.14", "triton>=3.6; platform_system == 'Linux'"],
         "hf": ["transformers>=5"],
     },
     entry_points={

@@ -172,6 +172,7 @@ class LoggingConfig:
     wandb_entity: str | None = None  # W&B entity (team or user); None: your default
     wandb_mode: str = "online"  # online | offline (offline: synced later with `wandb sync`)
     wandb_name: str | None = None  # the run's display name (default: the run directory's name)
+    tensorboard: bool = False  # also write every metric as TensorBoard scalars into train.run_dir/tensorboard/
 
 
 @dataclass

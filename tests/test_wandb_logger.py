@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import LoggingConfig
-from engine.training.wandb_logger import REDACTED, WandbRun, to_wandb, wandb_key
+from engine.training.metrics import metric_key
+from engine.training.wandb_logger import REDACTED, WandbRun, wandb_row
 
 SECRET = "weftdummysecret0123456789abcdef0123456789"  # 40 characters, like a real W&B API key
 
@@ -180,10 +181,15 @@ def eval_record(step: int) -> dict:
 
 # -------------------------------------------------------------------------------------------------------- tests
 def test_record_mapping():
-    assert [wandb_key(k) for k in ("step", "loss", "val_loss", "val_ppl", "consumed_samples", "tokens_seen")] == [
-        "trainer/step", "train/loss", "val/loss", "val/ppl", "progress/consumed_samples", "progress/tokens_seen"]
-    row = to_wandb({"step": 7, "loss": 2.5, "mfu": None, "grad_norm": math.inf, "skipped_steps": 0})
-    assert row == {"trainer/step": 7, "train/loss": 2.5, "train/skipped_steps": 0}
+    fields = ("loss", "tokens_seen", "val_loss", "val_ppl", "step_time_s", "data_s", "memory_allocated_gib",
+              "peak_memory_gib", "skipped_steps", "straggler_ratio")
+    assert [metric_key(k) for k in fields] == [
+        "train/loss", "train/tokens_seen", "val/loss", "val/ppl", "perf/step_time_s", "perf/data_s",
+        "memory/allocated_gib", "memory/peak_memory_gib", "system/skipped_steps", "system/straggler_ratio"]
+    row = wandb_row({"step": 7, "loss": 2.5, "mfu": None, "grad_norm": math.inf, "skipped_steps": 0})
+    assert row == {"trainer/step": 7, "train/loss": 2.5, "system/skipped_steps": 0}
+    with pytest.raises(KeyError, match="no group"):  # a new field must be given a section, not guessed one
+        wandb_row({"step": 1, "new_field": 1.0})
 
 
 def test_missing_wandb_names_the_setting(tmp_path, monkeypatch):
@@ -218,7 +224,7 @@ def test_offline_run_holds_config_metric_definitions_and_rows(wandb_env):
 
     step_metrics = {m.glob_name or m.name: m.step_metric for m in data["metrics"]}
     assert "trainer/step" in step_metrics
-    for glob in ("train/*", "val/*", "progress/*"):
+    for glob in ("train/*", "val/*", "perf/*", "memory/*", "system/*"):
         assert step_metrics[glob] == "trainer/step"
 
     rows = data["rows"]
@@ -229,14 +235,14 @@ def test_offline_run_holds_config_metric_definitions_and_rows(wandb_env):
         assert row["train/loss"] == pytest.approx(want["loss"])
         assert row["train/lr"] == pytest.approx(want["lr"])
         assert row["train/grad_norm"] == pytest.approx(want["grad_norm"])
-        assert row["train/tokens_per_s"] == pytest.approx(want["tokens_per_s"])
-        assert row["progress/consumed_samples"] == want["consumed_samples"]
-        assert row["progress/tokens_seen"] == want["tokens_seen"]
-        assert "train/mfu" not in row  # None is left out
+        assert row["perf/tokens_per_s"] == pytest.approx(want["tokens_per_s"])
+        assert row["train/consumed_samples"] == want["consumed_samples"]
+        assert row["train/tokens_seen"] == want["tokens_seen"]
+        assert "perf/mfu" not in row  # None is left out
         assert not any(k.startswith("val/") for k in row)
     assert rows[4]["val/loss"] == pytest.approx(4.0 / 3)
     assert rows[4]["val/ppl"] == pytest.approx(math.exp(4.0 / 3))
-    assert rows[4]["progress/tokens_seen"] == 3 * 1024
+    assert rows[4]["train/tokens_seen"] == 3 * 1024
     assert_secret_nowhere(wandb_env)
 
 

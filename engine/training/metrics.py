@@ -1,8 +1,13 @@
-"""Throughput, MFU and memory arithmetic, and the logging rank's outputs: console lines, metrics.jsonl, a progress bar.
+"""Throughput, MFU and memory arithmetic, and the logging rank's outputs: console lines, metrics.jsonl, a progress bar,
+and the names every field has in W&B and TensorBoard.
 
 MFU = achieved model FLOP/s per device / the device's peak for the run's precision. The peak comes from
 `train.peak_tflops` or the table below (dense tensor-core peaks from the vendors' datasheets); on a CPU or a device
 not in the table MFU is logged as null, with one warning naming `train.peak_tflops`. Never a silent guess.
+
+Names. A metrics.jsonl field belongs to one group of GROUPS (a W&B section, a TensorBoard tag prefix) and is logged
+there as `<group>/<field>`, less the field's own `<group>_` prefix: `loss` -> `train/loss`, `val_loss` ->
+`val/loss`, `memory_allocated_gib` -> `memory/allocated_gib`. docs/monitoring.md lists them all.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from engine.training.timers import PHASES
 
 # Dense peak TFLOP/s per device by (name fragment of torch.cuda.get_device_name, precision); the H100 SXM reports
 # itself as "H100 80GB HBM3". fp32 means true fp32 (no TF32), as torch defaults to.
@@ -51,11 +58,45 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
     return flops_per_token * tokens_per_s_per_device / (peak * 1e12)
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocator peak on GPU, the process's max resident set on CPU."""
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """This process's memory now and at its peak, in GiB: on CUDA the caching allocator's allocated, reserved and
+    peak allocated bytes; on CPU the resident set size now and at its peak (there is no allocator pool to report)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        return {"memory_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+                "memory_reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+                "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    # Linux reports KiB, and updates the high-water mark lazily: it can lag the resident size just read.
+    peak = max(resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return {"memory_allocated_gib": resident, "peak_memory_gib": peak}
+
+
+# Every metrics.jsonl field of a training or evaluation row, by group (see the module docstring); `step` is the axis.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "train": ("loss", "lr", "grad_norm", "loss_scale", "consumed_samples", "tokens_seen"),
+    "val": ("val_loss", "val_ppl"),
+    "perf": ("step_time_s", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu",
+             *(f"{phase}_s" for phase in PHASES), "other_s"),
+    "memory": ("memory_allocated_gib", "memory_reserved_gib", "peak_memory_gib", "model_state_bytes"),
+    "system": ("skipped_steps", "nonfinite_steps", "loss_spikes", "straggler_ratio", "compute_s_median",
+               "compute_s_max", "slowest_rank", "straggler_rank"),
+}
+_KEYS = {field: f"{group}/{field.removeprefix(group + '_')}" for group, fields in GROUPS.items() for field in fields}
+
+
+def metric_key(field: str) -> str:
+    """The W&B and TensorBoard name of a metrics.jsonl field: `<group>/<name>`."""
+    try:
+        return _KEYS[field]
+    except KeyError:
+        raise KeyError(f"metrics field {field!r} is in no group of engine.training.metrics.GROUPS") from None
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """A metrics record's values under their W&B / TensorBoard names, without `step`, None or non-finite values
+    (metrics.jsonl writes those as null)."""
+    return {metric_key(field): value for field, value in record.items()
+            if field != "step" and value is not None and not (isinstance(value, float) and not math.isfinite(value))}
 
 
 class MetricsLogger:

@@ -63,4 +63,4 @@ class StragglerWatch:
                   f"s per step, {ratio:.1f}x the median {median:.3f} s (train.straggler_ratio={self.ratio})",
                   file=sys.stderr)
         return {"compute_s_median": median, "compute_s_max": times[slowest], "slowest_rank": slowest,
-                "straggler_rank": slowest if straggler else None}
+                "straggler_ratio": ratio, "straggler_rank": slowest if straggler else None}

@@ -55,8 +55,8 @@ from engine.training.metrics import (
     MetricsLogger,
     Throughput,
     device_name,
+    memory_gib,
     mfu,
-    peak_memory_gib,
     peak_tflops,
     perplexity,
 )
@@ -73,6 +73,8 @@ from engine.training.preemption import EXIT_STOPPED, StopSignals
 from engine.training.reshard import TensorSource
 from engine.training.schedule import StepStats, forward_backward, forward_only, schedule_steps
 from engine.training.stragglers import StragglerWatch
+from engine.training.tensorboard_logger import TensorBoardRun
+from engine.training.timers import PhaseTimer, TimedExchange
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -141,6 +143,7 @@ class Trainer:
             shape = exchange_shape(t.micro_batch_size, t.seq_len, m.hidden_size, state.tp, p.sequence_parallel)
             self.exchange = PipelineExchange(state, shape, self.compute_dtype)
         self.last_step_stats = StepStats()  # of the last schedule run (activations held, timeline)
+        self.timer = PhaseTimer(self.device)  # where the steps' time goes: the perf/ phases of each training row
         self.record_timeline = False  # tools/bench_pipeline.py: time every forward and backward
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_tflops(self.device, t.precision, t.peak_tflops)
@@ -192,19 +195,24 @@ class Trainer:
         steps = schedule_steps(p.pipeline_schedule, len(batches), self.state.pp, self.state.pp_rank, p.virtual_stages)
         scale = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         self.last_step_stats = StepStats(timeline=[] if self.record_timeline else None)
+        # A training step's waits on its pipeline neighbours are its pipeline bubble (evaluation is timed whole).
+        exchange = TimedExchange(self.exchange, self.timer) if training and self.exchange is not None else self.exchange
         total = forward_backward(list(self.model), steps if training else forward_only(steps), batches,
                                  grad_syncs=self.grad_syncs if training else None, autocast=self.autocast,
-                                 scale_loss=scale, exchange=self.exchange, stage_of=self.stage_of,
+                                 scale_loss=scale, exchange=exchange, stage_of=self.stage_of,
                                  stages=self.stages, dropout_keys=keys, stats=self.last_step_stats)
         if self.state.pp > 1:  # the loss exists on the last stage; every rank reports it
-            comm.broadcast(total, src=self.state.pp_peer(self.state.pp - 1), group=self.state.pp_group)
+            # The last stage waits here for the first to finish its cool-down backwards: bubble too.
+            with self.timer.phase("pipeline_bubble") if training else contextlib.nullcontext():
+                comm.broadcast(total, src=self.state.pp_peer(self.state.pp - 1), group=self.state.pp_group)
         return total
 
     # ------------------------------------------------------------------------------------------- steps
     def train_step(self) -> dict:
         """One optimizer step over one global batch; returns its metrics."""
         loss = self.compute_gradients()
-        lr, norm = self.apply_gradients(loss)
+        with self.timer.phase("optimizer"):
+            lr, norm = self.apply_gradients(loss)
         self.last_loss = loss
         return {"loss": loss, "lr": lr, "grad_norm": norm}
 
@@ -213,12 +221,15 @@ class Trainer:
 
         Afterwards every gradient is whole: averaged over DP, partial ones summed over TP, the loss scale removed.
         """
-        indices = self.train_sampler.micro_batches(self.consumed_samples)
-        batches = self.micro_batches(self.train_data, indices)
+        with self.timer.phase("data"):
+            indices = self.train_sampler.micro_batches(self.consumed_samples)
+            batches = self.micro_batches(self.train_data, indices)
         self.model.train()
-        loss_sum = self._run_schedule(batches, True, self.dropout_keys(indices))
-        for sync in self.grad_syncs:
-            sync.finish_grad_sync()
+        with self.timer.phase("forward_backward"):
+            loss_sum = self._run_schedule(batches, True, self.dropout_keys(indices))
+        with self.timer.phase("dp_comm"):  # the gradient reductions that backward did not hide
+            for sync in self.grad_syncs:
+                sync.finish_grad_sync()
         grads = self.grads()
         allreduce_partial_grads(grads, self.state.tp_group)
         allreduce_tied_embedding_grads(grads, self.state.embedding_group)
@@ -295,20 +306,25 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, self.state.is_logging_rank, t.steps, self.step, lg.progress_bar,
                                self.peak, f"{device_name(self.device)}, {t.precision}", lg.console)
         records: list[dict] = []
+        # Before W&B: a missing tensorboard package fails with nothing started.
+        tensorboard = (TensorBoardRun(self.run_dir, self.step) if lg.tensorboard and self.state.is_logging_rank
+                       else None)
         wandb = self._start_wandb()
+        sinks = [sink for sink in (wandb, tensorboard) if sink is not None]
 
         def emit(record: dict) -> None:
             records.append(record)
             logger.log(record)
-            if wandb is not None:
-                wandb.log(record)
+            for sink in sinks:
+                sink.log(record)
 
         can_eval = self.valid_data is not None
         throughput = Throughput()
 
         def evaluate() -> None:
             t0 = time.perf_counter()
-            emit({"step": self.step, **self.evaluate(), **self.progress()})
+            with self.timer.phase("eval"):
+                emit({"step": self.step, **self.evaluate(), **self.progress()})
             throughput.exclude(time.perf_counter() - t0)  # tokens/s and MFU measure training alone
 
         ok = False
@@ -320,6 +336,8 @@ class Trainer:
             ok = True
         finally:
             logger.close()
+            if tensorboard is not None:
+                tensorboard.close()
             if wandb is not None:
                 # W&B shows a run marked preempting as preempted only when it exits non-zero
                 stopped = ok and self.stopped_by is not None
@@ -334,38 +352,35 @@ class Trainer:
         if can_eval and self.step == 0:  # a resumed run evaluated at its checkpoint already
             evaluate()
         profiler = Profiler(self.run_dir, t.profile_steps, self.device, self.state.is_logging_rank)
+        self.timer.restart()  # the first row's window starts here, after the evaluation at step 0
         while self.step < t.steps:
             comm.LOG.step = self.step + 1  # what a fault dump calls the step in progress
             self.stragglers.start()
             with profiler.step(self.step + 1):
                 metrics = self.train_step()
             self.stragglers.stop()
+            self.timer.count_step()
             if self.saver is not None:
                 self.saver.poll()  # a background save that failed stops every rank here
             throughput.add(tokens_per_step)
             logger.advance(1, metrics["loss"])
             self._watch_numerics(metrics["loss"])
             last = self.step == t.steps or self.diverged is not None
-            if self.step % t.log_interval == 0 or last or self.fault:
-                tps = throughput.read()
-                per_device = tps / world
-                emit({"step": self.step, **metrics, "tokens_per_s": tps, "tokens_per_s_per_device": per_device,
-                      "tflops_per_device": self.flops_per_token * per_device / 1e12,
-                      "mfu": mfu(self.flops_per_token, per_device, self.peak),
-                      "peak_memory_gib": self._peak_memory_gib(), "skipped_steps": self.skipped_steps,
-                      "nonfinite_steps": self.nonfinite_steps, "loss_spikes": self.loss_spikes,
-                      "model_state_bytes": sum(model_state_bytes(self.grad_syncs, self.optimizer).values()),
-                      **self.stragglers.read(), **self.progress()})
             # Before evaluating: the time left after a signal (Slurm's lead or grace time) goes to the checkpoint.
             self.stopped_by = None if last else stop.requested(self.device, world > 1)
             if (can_eval and not self.stopped_by and not self.diverged
                     and ((t.eval_interval and self.step % t.eval_interval == 0) or last)):
                 evaluate()
             periodic = bool(t.save_interval and self.step % t.save_interval == 0)
-            if periodic or last or self.stopped_by:
+            saving = periodic or last or self.stopped_by is not None
+            if saving:
                 t0 = time.perf_counter()
-                self.save()
+                with self.timer.phase("checkpoint"):
+                    self.save()
                 throughput.exclude(time.perf_counter() - t0)
+            # After the evaluation and the checkpoint, whose time is this step's; a saving step always ends a row.
+            if self.step % t.log_interval == 0 or saving or self.fault:
+                emit(self._train_row(metrics, throughput.read()))
             if periodic and not self.stopped_by and not last:  # a signal during the evaluation or the save just made
                 self.stopped_by = stop.requested(self.device, world > 1)
             if self.diverged:
@@ -395,12 +410,27 @@ class Trainer:
                       f"{len(self.spikes.losses) - 1} steps (train.spike_threshold={t.spike_threshold} standard "
                       "deviations)", file=sys.stderr)
 
-    def _peak_memory_gib(self) -> float:
-        """The highest peak memory of any rank (1F1B's activations pile up on the first stage, not the logging one)."""
-        peak = torch.tensor([peak_memory_gib(self.device)], dtype=torch.float64, device=self.device)
+    def _train_row(self, metrics: dict, tokens_per_s: float) -> dict:
+        """A training row: the step's metrics, throughput, phase times, memory, counters and stragglers (every rank
+        builds it: memory and stragglers are gathered)."""
+        per_device = tokens_per_s / self.state.world_size
+        return {"step": self.step, **metrics,
+                **({"loss_scale": self.scaler.scale_value} if self.scaler is not None else {}),
+                "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+                "tflops_per_device": self.flops_per_token * per_device / 1e12,
+                "mfu": mfu(self.flops_per_token, per_device, self.peak), **self.timer.read(), **self._memory(),
+                "model_state_bytes": sum(model_state_bytes(self.grad_syncs, self.optimizer).values()),
+                "skipped_steps": self.skipped_steps, "nonfinite_steps": self.nonfinite_steps,
+                "loss_spikes": self.loss_spikes, **self.stragglers.read(), **self.progress()}
+
+    def _memory(self) -> dict[str, float]:
+        """Memory in GiB, the highest of any rank for each figure (1F1B's activations pile up on the first stage, not
+        the logging one)."""
+        mine = memory_gib(self.device)
+        values = torch.tensor(list(mine.values()), dtype=torch.float64, device=self.device)
         if self.state.world_size > 1:
-            comm.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return peak.item()
+            comm.all_reduce(values, op=dist.ReduceOp.MAX)
+        return dict(zip(mine, values.tolist(), strict=True))
 
     def _start_wandb(self):
         """The W&B run on the logging rank (same id across resumes), its id shared with every rank for checkpoints."""

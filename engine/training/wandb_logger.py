@@ -2,12 +2,12 @@
 
 W&B drops a row whose `step=` is not above the last one it has seen, and a resumed run re-logs steps after its
 checkpoint; so we never pass `step=`. Every metric is plotted against our own axis instead: `trainer/step`, a
-column of every row (`define_metric`). A resumed run (the same `run_id`, `resume="allow"`) therefore keeps every
-row it logs.
+column of every row (`define_metric`); `train/tokens_seen`, in every row too, is the other x-axis a panel can
+take. A resumed run (the same `run_id`, `resume="allow"`) therefore keeps every row it logs.
 
-Record fields map to W&B keys as follows: `step` -> `trainer/step`; `val_<x>` -> `val/<x>`; `consumed_samples`,
-`tokens_seen` -> `progress/...`; everything else -> `train/...`. None and non-finite values are left out (as
-metrics.jsonl writes them as null).
+Record fields are logged under their names of engine.training.metrics (`loss` -> `train/loss`, `val_loss` ->
+`val/loss`, `step_time_s` -> `perf/step_time_s`, ...), in the sections train/, val/, perf/, memory/ and system/.
+None and non-finite values are left out (as metrics.jsonl writes them as null).
 
 Secrets: the W&B API key reaches wandb only through its own login/environment handling; nothing here copies it.
 The config we log is scrubbed of keys that look like credentials and of any string equal to `WANDB_API_KEY`.
@@ -15,7 +15,6 @@ The config we log is scrubbed of keys that look like credentials and of any stri
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -23,33 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import LoggingConfig
+from engine.training.metrics import GROUPS, scalars
 
 STEP_KEY = "trainer/step"
-PROGRESS_FIELDS = ("consumed_samples", "tokens_seen")
-PREFIXES = ("train", "val", "progress")  # every W&B key we log starts with one of these, then "/"
 _SECRET_KEY = re.compile(r"api[_-]?key|secret|passw(or)?d|credential|auth[_-]?token|access[_-]?token", re.I)
 REDACTED = "<redacted>"
 
 
-def wandb_key(field: str) -> str:
-    """The W&B key for a metrics-record field (see the module docstring)."""
-    if field == "step":
-        return STEP_KEY
-    if field.startswith("val_"):
-        return "val/" + field.removeprefix("val_")
-    if field in PROGRESS_FIELDS:
-        return "progress/" + field
-    return "train/" + field
-
-
-def to_wandb(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One W&B row from a metrics record: renamed keys, without None or non-finite values."""
-    row = {}
-    for field, value in record.items():
-        if value is None or (isinstance(value, float) and not math.isfinite(value)):
-            continue
-        row[wandb_key(field)] = value
-    return row
+def wandb_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One W&B row from a metrics record: its step as `trainer/step`, every other value under its metric name."""
+    return {STEP_KEY: record["step"], **scalars(record)}
 
 
 def scrub(config: Any, secrets: tuple[str, ...] = ()) -> Any:
@@ -103,15 +85,15 @@ class WandbRun:
             config=scrub(dict(config), secrets), settings=settings,
         )
         run.define_metric(STEP_KEY)
-        for prefix in PREFIXES:
-            run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)
+        for group in GROUPS:
+            run.define_metric(f"{group}/*", step_metric=STEP_KEY)
         return cls(wandb, run)
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Log one metrics record (a training or an evaluation line) as a row at its `trainer/step`."""
         if "step" not in record:
             raise ValueError(f"a metrics record needs a 'step' field: {sorted(record)}")
-        self._run.log(to_wandb(record))  # never step=: W&B would drop re-logged steps after a resume
+        self._run.log(wandb_row(record))  # never step=: W&B would drop re-logged steps after a resume
 
     def __enter__(self) -> WandbRun:
         return self
