@@ -117,7 +117,8 @@ def dry_run(cfg: Config) -> None:
                 else "(micro-batch, chunk) activation" + ("s" if n != 1 else ""))
         print(f"{where} (layers {layers}): {row['parameters']:,} parameters per tensor-parallel rank; estimated "
               "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
-                          ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "total_gib"))
+                          ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "working_gib",
+                           "total_gib"))
               + f" ({n} {held} in flight)")
         stages = row["model_state_bytes"]
         print("  model states (parameters, gradients, master weights, AdamW) by parallel.zero_stage: "
