@@ -64,7 +64,8 @@ def train_cases(rank: int, world_size: int, shard: str, cache: str, root: str, c
         trainer = make_trainer(shard, cache, Path(root) / case_name(*case), tp, pp, dp, stage, arch)
         records = trainer.fit()
         predicted = estimate_memory(trainer.cfg)[trainer.state.pp_rank]["model_state_bytes"][stage]
-        out[case_name(*case)] = (losses_by_step(records), records[-2]["model_state_bytes"], predicted)
+        measured = [r["model_state_bytes"] for r in records if "model_state_bytes" in r][-1]  # last training row
+        out[case_name(*case)] = (losses_by_step(records), measured, predicted)
     return out
 
 
