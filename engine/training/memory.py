@@ -46,6 +46,7 @@ from engine.data.index_cache import available_host_memory
 from engine.model.flops import parameters_per_rank
 from engine.parallel.layers import padded_vocab_size
 from engine.parallel.pipeline import rank_stages, stage_layers
+from engine.training.optimizer import adamw_impl
 from engine.training.schedule import schedule_actions
 
 GIB = 2**30
@@ -219,8 +220,9 @@ def optimizer_working_bytes(cfg: Config, states: dict[str, int]) -> float:
     """Temporaries of the optimizer step on this rank: torch's foreach AdamW (the CPU path) builds a few lists of
     the size of the parameters it updates; CUDA's fused kernel none."""
     on_cuda = cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
-    fused = cfg.optim.impl == "fused" or (cfg.optim.impl == "auto" and on_cuda and cfg.parallel.optimizer_offload
-                                           != "cpu")
+    # An offloaded optimizer steps on the host, whatever device the model is on.
+    device_type = "cuda" if on_cuda and cfg.parallel.optimizer_offload != "cpu" else "cpu"
+    fused = adamw_impl(cfg.optim, device_type) == "fused"
     return 0.0 if fused else states["optimizer_states"] / 2  # one fp32 list of the updated parameters' size
 
 

@@ -36,6 +36,11 @@ def group_weight_decays(cfg: OptimConfig) -> tuple[float, float]:
     return cfg.weight_decay, 0.0
 
 
+def adamw_impl(cfg: OptimConfig, device_type: str) -> str:
+    """Which torch AdamW `optim.impl` means on a device type: `auto` is the fused kernel on CUDA, foreach elsewhere."""
+    return cfg.impl if cfg.impl != "auto" else ("fused" if device_type == "cuda" else "foreach")
+
+
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over parameter `groups` (`param_groups`): torch's fused kernel on CUDA, its foreach path elsewhere, or
     apex's FusedAdam when asked."""
@@ -47,7 +52,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
             raise RuntimeError("optim.impl=apex but NVIDIA apex is not installed (it is not on PyPI; build it from "
                                "github.com/NVIDIA/apex) - or use optim.impl=auto") from None
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    impl = cfg.impl if cfg.impl != "auto" else ("fused" if device.type == "cuda" else "foreach")
+    impl = adamw_impl(cfg, device.type)
     if impl == "fused" and device.type != "cuda":
         raise RuntimeError("optim.impl=fused needs CUDA parameters; use optim.impl=auto or foreach on CPU")
     return torch.optim.AdamW(groups, fused=impl == "fused", foreach=impl == "foreach", **kwargs)
