@@ -36,7 +36,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from engine.config import Config, fill_defaults, validate  # noqa: E402
+from engine.config import Config, ModelConfig, fill_defaults, validate  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.memory import estimate_memory, model_state_bytes  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
@@ -66,29 +66,22 @@ CASES: list[tuple[str, dict]] = [
 ]
 
 
-# One GPU, bf16 unless named: (name, overrides of the base configuration, applied over a model preset's shape).
-GPU_CASES: list[tuple[str, dict]] = [
-    ("GPT-2 124M, seq 1024, micro 8", {"model": "gpt2_124m", "train.micro_batch_size": 8}),
-    ("GPT-2 124M, fp32", {"model": "gpt2_124m", "train.micro_batch_size": 8, "train.precision": "fp32"}),
-    ("GPT-2 124M, full recompute", {"model": "gpt2_124m", "train.micro_batch_size": 8, "model.recompute": "full"}),
-    ("GPT-2 124M, Triton kernels", {"model": "gpt2_124m", "train.micro_batch_size": 8, "kernels.backend": "triton"}),
-    ("Llama 1.1B, seq 2048, micro 2", {"model": "llama_1b", "train.micro_batch_size": 2}),
-    ("Llama 1.1B, selective recompute", {"model": "llama_1b", "train.micro_batch_size": 2,
-                                         "model.recompute": "selective"}),
-    ("Llama 1.1B, full recompute, micro 4", {"model": "llama_1b", "train.micro_batch_size": 4,
-                                             "model.recompute": "full"}),
+# One GPU, bf16 unless named: (name, conf/model preset, its vocabulary, sequence length, overrides).
+GPT2, LLAMA = ("gpt2_124m", 50257, 1024), ("llama_1b", 32000, 2048)
+GPU_CASES: list[tuple[str, str, int, int, dict]] = [
+    ("GPT-2 124M, seq 1024, micro 8", *GPT2, {"train.micro_batch_size": 8}),
+    ("GPT-2 124M, fp32", *GPT2, {"train.micro_batch_size": 8, "train.precision": "fp32"}),
+    ("GPT-2 124M, full recompute", *GPT2, {"train.micro_batch_size": 8, "model.recompute": "full"}),
+    ("GPT-2 124M, Triton kernels", *GPT2, {"train.micro_batch_size": 8, "kernels.backend": "triton"}),
+    ("Llama 1.1B, seq 2048, micro 2", *LLAMA, {"train.micro_batch_size": 2}),
+    ("Llama 1.1B, selective recompute", *LLAMA, {"train.micro_batch_size": 2, "model.recompute": "selective"}),
+    ("Llama 1.1B, full recompute, micro 4", *LLAMA, {"train.micro_batch_size": 4, "model.recompute": "full"}),
 ]
-PRESETS = {  # the shapes of conf/model/*.yaml (read here without Hydra, which the GPU image may lack)
-    "gpt2_124m": {"arch": "gpt2", "num_layers": 12, "hidden_size": 768, "num_heads": 12, "num_kv_heads": 12,
-                  "vocab_size": 50257, "max_seq_len": 1024},
-    "llama_1b": {"arch": "llama", "num_layers": 22, "hidden_size": 2048, "num_heads": 32, "num_kv_heads": 4,
-                 "ffn_hidden_size": 5632, "vocab_size": 32000, "max_seq_len": 2048},
-}
 
 
-def case_config(overrides: dict, tmp: str) -> Config:
-    """A 4-layer Llama (hidden 128, 4 heads, 2 KV heads), seq 128, micro-batch 4, global batch 32, fp32, with
-    `overrides` ({"section.key": value}) applied."""
+def base_config(tmp: str) -> Config:
+    """A 4-layer Llama (hidden 128, 4 heads, 2 KV heads), seq 128, micro-batch 4, global batch 32, fp32, two steps,
+    on the shard in `tmp`."""
     cfg = Config()
     m, t = cfg.model, cfg.train
     m.arch, m.name, m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads = "llama", "check", 4, 128, 4, 2
@@ -98,24 +91,41 @@ def case_config(overrides: dict, tmp: str) -> Config:
     t.steps, t.seq_len, t.global_batch_size, t.micro_batch_size = 2, 128, 32, 4
     t.eval_interval, t.save_interval, t.log_interval = 0, 0, 1
     cfg.logging.console = False
-    world = RANKS
-    if "model" in overrides:  # a GPU case: one process, a real model shape at its full sequence length
-        world = 1
-        for name, value in PRESETS[overrides["model"]].items():
-            setattr(m, name, value)
-        m.name, t.seq_len, t.precision, cfg.train.device = overrides["model"], m.max_seq_len, "bf16", "cuda"
-        m.recompute = "none"
+    return cfg
+
+
+def apply(cfg: Config, overrides: dict, world: int) -> Config:
+    """`overrides` ({"section.key": value}) set on `cfg`, completed and validated for `world` ranks."""
     for key, value in overrides.items():
-        if key != "model":
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, value)
-    if "model" in overrides:
-        t.global_batch_size = 2 * t.micro_batch_size  # two micro-batches: gradient accumulation runs
-    elif m.arch == "gpt2":
-        m.num_kv_heads = m.num_heads
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
     fill_defaults(cfg, world)
     validate(cfg, world)
     return cfg
+
+
+def case_config(overrides: dict, tmp: str) -> Config:
+    """A CASES configuration: the base one with `overrides`, on RANKS ranks."""
+    cfg = base_config(tmp)
+    if overrides.get("model.arch") == "gpt2":
+        cfg.model.num_kv_heads = cfg.model.num_heads
+    return apply(cfg, overrides, RANKS)
+
+
+def gpu_case_config(preset: str, vocab: int, seq: int, overrides: dict, tmp: str) -> Config:
+    """A GPU_CASES configuration: conf/model/<preset>.yaml's shape (read as plain YAML: the GPU image may lack Hydra)
+    at sequence length `seq` in bf16, two micro-batches a step, on one GPU, with `overrides`."""
+    import yaml
+
+    cfg = base_config(tmp)
+    cfg.model = ModelConfig()  # the schema's defaults for what the preset leaves out, as Hydra composes it
+    for name, value in yaml.safe_load((REPO / "conf" / "model" / f"{preset}.yaml").read_text()).items():
+        setattr(cfg.model, name, value)
+    t = cfg.train
+    cfg.model.vocab_size, cfg.model.max_seq_len = vocab, seq
+    t.seq_len, t.precision, t.device = seq, "bf16", "cuda"
+    t.global_batch_size = 2 * overrides.get("train.micro_batch_size", t.micro_batch_size)  # accumulation runs
+    return apply(cfg, overrides, 1)
 
 
 def allocations(prof: profile) -> list[tuple[int, int, int]]:
@@ -190,8 +200,8 @@ def compare_cuda() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_shard(f"{tmp}/shard", 50257, 2_000_000, seed=0)
-        for i, (name, overrides) in enumerate(GPU_CASES):
-            cfg = case_config(overrides, tmp)
+        for i, (name, preset, vocab, seq, overrides) in enumerate(GPU_CASES):
+            cfg = gpu_case_config(preset, vocab, seq, overrides, tmp)
             rows.append(row(name, 0, measure_cuda(cfg, f"{tmp}/run{i}"), estimate_memory(cfg)))
     return rows
 
