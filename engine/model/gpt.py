@@ -28,7 +28,13 @@ from engine.config import ModelConfig
 from engine.model.attention import Attention, KVCache
 from engine.model.mlp import MLP
 from engine.parallel.cross_entropy import vocab_parallel_cross_entropy
-from engine.parallel.layers import InitMethod, VocabParallelEmbedding, VocabParallelOutput, mark_partial_grad
+from engine.parallel.layers import (
+    InitMethod,
+    VocabParallelEmbedding,
+    VocabParallelOutput,
+    mark_partial_grad,
+    vocab_parallel_loss,
+)
 from engine.parallel.mappings import tp_rank, tp_size
 from engine.parallel.random import KeyedDropout, mix_seed
 
@@ -209,7 +215,7 @@ class GPT(nn.Module):
         logits = self.head(self.norm(x))  # this rank's slice of the padded vocabulary, for the whole sequence
         if targets is None:
             return self.head.full_logits(logits).float()
-        if self.head.padded_vocab == self.cfg.vocab_size and tp == 1:
+        if not vocab_parallel_loss(self.cfg.vocab_size, tp, self.cfg.make_vocab_size_divisible_by):
             return kernels.cross_entropy(logits, targets)
         return vocab_parallel_cross_entropy(logits, targets, self.tp_group, self.head.vocab_start, self.cfg.vocab_size)
 

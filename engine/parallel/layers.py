@@ -157,6 +157,11 @@ def padded_vocab_size(vocab_size: int, tp: int, divisor: int = 1) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def vocab_parallel_loss(vocab_size: int, tp: int, divisor: int = 1) -> bool:
+    """Whether the loss needs the vocabulary-parallel cross entropy: the logits are split (tp > 1) or padded."""
+    return tp > 1 or padded_vocab_size(vocab_size, tp, divisor) != vocab_size
+
+
 class _VocabShard(nn.Module):
     """A (padded vocabulary / tp, dim) weight: this rank's rows of the vocabulary, padding rows zero.
 

@@ -44,7 +44,7 @@ import torch
 from engine.config import Config, micro_batches_per_step
 from engine.data.index_cache import available_host_memory
 from engine.model.flops import parameters_per_rank
-from engine.parallel.layers import padded_vocab_size
+from engine.parallel.layers import padded_vocab_size, vocab_parallel_loss
 from engine.parallel.pipeline import rank_stages, stage_layers
 from engine.training.optimizer import adamw_impl
 from engine.training.schedule import schedule_actions
@@ -118,12 +118,6 @@ def autocast_weight_bytes(cfg: Config, params: int) -> float:
     return 2.0 * params if half and cfg.parallel.zero_stage == 0 else 0.0
 
 
-def _vocab_parallel_loss(cfg: Config) -> bool:
-    """Whether the loss is engine.parallel's vocabulary-parallel cross entropy (tp > 1 or a padded vocabulary)."""
-    m, p = cfg.model, cfg.parallel
-    return p.tp > 1 or padded_vocab_size(m.vocab_size, p.tp, m.make_vocab_size_divisible_by) != m.vocab_size
-
-
 def loss_bytes(cfg: Config) -> tuple[float, float]:
     """(kept, working): bytes the final norm, head and cross entropy keep for backward per micro-batch, and the
     extra the loss's backward allocates on top of them (the logits' gradients) at its peak."""
@@ -133,7 +127,8 @@ def loss_bytes(cfg: Config) -> tuple[float, float]:
     rows = w["rows"]
     vocab = padded_vocab_size(m.vocab_size, p.tp, m.make_vocab_size_divisible_by) / p.tp
     head_input = _norm_bytes(cfg, w) + rows * w["h"] * mm  # the final norm's, and the head's input
-    if _vocab_parallel_loss(cfg):  # keeps the logits shard; backward: its fp32 softmax, then the gradient
+    # Vocabulary-parallel: keeps the logits shard; backward: its fp32 softmax, then the gradient.
+    if vocab_parallel_loss(m.vocab_size, p.tp, m.make_vocab_size_divisible_by):
         kept, working = rows * vocab * mm, rows * vocab * (2 * F32 + mm)
     elif cfg.kernels.backend == "triton":  # keeps the logits; backward writes their gradient
         kept, working = rows * vocab * mm, rows * vocab * mm
