@@ -90,21 +90,27 @@ def to_config(cfg: DictConfig) -> Config:
 def dry_run(cfg: Config) -> None:
     """Print what the run would be - parameters, FLOPs per token, each stage's share and memory - without
     allocating it."""
+    print("\n".join(dry_run_lines(cfg)))
+
+
+def dry_run_lines(cfg: Config) -> list[str]:
+    """The dry run's report (tools/plan.py prints it too, before its fit and step-time estimate)."""
     from engine.model.flops import count_parameters, flops_per_token
     from engine.parallel.layers import padded_vocab_size
     from engine.training.memory import estimate_memory
 
+    lines = []
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tp, cfg.model.make_vocab_size_divisible_by)
     n = count_parameters(cfg.model)
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    print(f"model {m.name} ({m.arch}): {n:,} parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
+    lines.append(f"model {m.name} ({m.arch}): {n:,} parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
           f"{m.num_heads} heads ({m.num_kv_heads} KV), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}"
           + (f" (padded to {padded})" if padded != m.vocab_size else ""))
-    print(f"FLOPs per token (training): {flops_per_token(m, t.seq_len):.4g} at seq_len {t.seq_len}")
+    lines.append(f"FLOPs per token (training): {flops_per_token(m, t.seq_len):.4g} at seq_len {t.seq_len}")
     micro = micro_batches_per_step(cfg)
     zero = (f"; ZeRO stage {p.zero_stage}" + (", optimizer offloaded to the CPU" if p.optimizer_offload == "cpu"
                                               else "")) if p.zero_stage else ""
-    print(f"layout: tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} x dp {p.dp} = "
+    lines.append(f"layout: tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} x dp {p.dp} = "
           f"{p.tp * p.pp * p.dp} ranks; global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
           f"accumulation {micro} x dp {p.dp}"
           + (f"; schedule {p.pipeline_schedule}" + (f" over {p.virtual_stages} chunks per rank"
@@ -115,16 +121,17 @@ def dry_run(cfg: Config) -> None:
         n = row["activations_in_flight"]
         held = ("micro-batch" + ("es" if n != 1 else "") if p.virtual_stages == 1
                 else "(micro-batch, chunk) activation" + ("s" if n != 1 else ""))
-        print(f"{where} (layers {layers}): {row['parameters']:,} parameters per tensor-parallel rank; estimated "
+        lines.append(f"{where} (layers {layers}): {row['parameters']:,} parameters per tensor-parallel rank; estimated "
               "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
                           ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "working_gib",
                            "total_gib"))
               + f" ({n} {held} in flight)")
         stages = row["model_state_bytes"]
-        print("  model states (parameters, gradients, master weights, AdamW) by parallel.zero_stage: "
+        lines.append("  model states (parameters, gradients, master weights, AdamW) by parallel.zero_stage: "
               + ", ".join(f"{k} {v / 2**30:.2f} GiB" + (" <- this run" if k == p.zero_stage else "")
                           for k, v in stages.items()))
-    print("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
+    lines.append("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
+    return lines
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume_step: int | None) -> None:

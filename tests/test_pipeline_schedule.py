@@ -111,7 +111,7 @@ def test_interleaved_refuses_ragged_micro_batches():
 
 
 def test_no_pipelining_is_the_accumulation_loop():
-    assert schedule_actions("1f1b", 3, 1, 0) == [Action("F", 0), Action("B", 0), Action("F", 1), Action("B", 1),
+    assert list(schedule_actions("1f1b", 3, 1, 0)) == [Action("F", 0), Action("B", 0), Action("F", 1), Action("B", 1),
                                                  Action("F", 2), Action("B", 2)]
     plan = communication_plan(schedule_steps("none", 3, 1, 0), [0], 1)
     assert all(not sends and not recvs for sends, recvs, _ in plan)

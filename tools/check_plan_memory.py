@@ -18,6 +18,7 @@ rank's pipeline stage. error = predicted / measured - 1, per rank; the table sho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,8 +39,10 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from engine.config import Config, ModelConfig, fill_defaults, validate  # noqa: E402
+from engine.parallel import comm  # noqa: E402
 from engine.parallel.state import init_parallel  # noqa: E402
 from engine.training.memory import estimate_memory, model_state_bytes  # noqa: E402
+from engine.training.step_time import bytes_per_step  # noqa: E402
 from engine.training.trainer import Trainer  # noqa: E402
 from tools.bench_pipeline import write_shard  # noqa: E402
 from tools.bench_tp import free_port  # noqa: E402
@@ -157,8 +161,40 @@ def peak_held(events: list[tuple[int, int, int]], start: int, end: int) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def count_traffic() -> Iterator[dict[str, dict[str, int]]]:
+    """Payload bytes this rank hands to torch.distributed inside the block, by mesh group and operation, counted as
+    engine.training.step_time does: the whole tensor (an all-gather's output, a reduce-scatter's input, each
+    pipeline message sent). Every collective passes engine.parallel.comm's record, so its `begin` sees them all."""
+    counts: dict[str, dict[str, int]] = {}
+    begin, batch = comm.LOG.begin, dist.batch_isend_irecv
+
+    def add(group: str, op: str, nbytes: int) -> None:
+        counts.setdefault(group, {}).setdefault(op, 0)
+        counts[group][op] += nbytes
+
+    def counted_begin(op, group, tensor, depth=2):
+        call = begin(op, group, tensor, depth + 1)
+        if tensor is not None and not op.startswith("send/recv"):
+            whole = len(call.ranks) if op == "all_gather" else 1  # all-gathers record their input
+            add(call.group, op, tensor.numel() * tensor.element_size() * whole)
+        return call
+
+    def counted_batch(ops):
+        for op in ops:
+            if op.op is dist.isend:
+                add("pp", "send", op.tensor.numel() * op.tensor.element_size())
+        return batch(ops)
+
+    comm.LOG.begin, dist.batch_isend_irecv = counted_begin, counted_batch
+    try:
+        yield counts
+    finally:
+        comm.LOG.begin, dist.batch_isend_irecv = begin, batch
+
+
 def measure(cfg: Config, run_dir: str) -> dict:
-    """This rank's measured model-state bytes and peak allocated bytes during its second step."""
+    """This rank's measured model-state bytes, peak allocated bytes and communicated bytes during its second step."""
     p = cfg.parallel
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -167,12 +203,13 @@ def measure(cfg: Config, run_dir: str) -> dict:
         trainer.train_step()
         dist.barrier()
         start = time.time_ns()
-        trainer.train_step()
+        with count_traffic() as traffic:
+            trainer.train_step()
         end = time.time_ns()
         states = sum(model_state_bytes(trainer.grad_syncs, trainer.optimizer).values())
     peak = peak_held(allocations(prof), start, end)
     del trainer
-    return {"pp_rank": state.pp_rank, "model_state": states, "peak": peak}
+    return {"pp_rank": state.pp_rank, "model_state": states, "peak": peak, "traffic": traffic}
 
 
 def measure_cuda(cfg: Config, run_dir: str) -> dict:
@@ -206,13 +243,17 @@ def compare_cuda() -> list[dict]:
     return rows
 
 
-def row(name: str, rank: int, got: dict, plan: list[dict]) -> dict:
-    """One rank's prediction and measurement, and their relative errors."""
+def row(name: str, rank: int, got: dict, plan: list[dict], traffic: list[dict] | None = None) -> dict:
+    """One rank's prediction and measurement, and their relative errors; with `traffic` (step_time.bytes_per_step)
+    also its communicated bytes by group and operation, predicted and measured."""
     want = plan[got["pp_rank"]]
     predicted = {"model_state": want["model_state_bytes"][want["zero_stage"]], "peak": want["total_bytes"]}
-    return {"case": name, "rank": rank, "pp_rank": got["pp_rank"],
-            **{key: {"predicted": predicted[key], "measured": got[key], "error": predicted[key] / got[key] - 1}
-               for key in predicted}}
+    out = {"case": name, "rank": rank, "pp_rank": got["pp_rank"],
+           **{key: {"predicted": predicted[key], "measured": got[key], "error": predicted[key] / got[key] - 1}
+              for key in predicted}}
+    if traffic is not None:
+        out["traffic"] = {"predicted": traffic[got["pp_rank"]], "measured": got["traffic"]}
+    return out
 
 
 def worker(rank: int, port: int, shard_dir: str, results: dict) -> None:
@@ -238,8 +279,9 @@ def compare() -> list[dict]:
         results = mp.Manager().dict()
         mp.start_processes(worker, args=(free_port(), tmp, results), nprocs=RANKS, start_method="spawn")
         measured = {r: results[r] for r in range(RANKS)}
-    return [row(name, rank, measured[rank][name], estimate_memory(case_config(overrides, "/nonexistent")))
-            for name, overrides in CASES for rank in range(RANKS)]
+    configs = {name: case_config(overrides, "/nonexistent") for name, overrides in CASES}
+    return [row(name, rank, measured[rank][name], estimate_memory(configs[name]), bytes_per_step(configs[name]))
+            for name in configs for rank in range(RANKS)]
 
 
 def per_stage(rows: list[dict]) -> list[dict]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 from engine.config import ModelConfig
 
 
-def _matmul_weights_per_layer(cfg: ModelConfig) -> int:
-    """Weights of the q, k, v, o projections and the MLP matrices of one layer."""
+def matmul_weights_per_layer(cfg: ModelConfig) -> int:
+    """Weights of the q, k, v, o projections and the MLP matrices of one layer (each does 2 FLOPs per token forward,
+    4 backward)."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     kv = cfg.num_kv_heads * (h // cfg.num_heads)
     mlp_matrices = 2 if cfg.arch == "gpt2" else 3  # up, down (+ gate for SwiGLU)
@@ -41,7 +42,7 @@ def count_parameters(cfg: ModelConfig) -> int:
         per_layer = 2 * h
         once = vocab * h + h
     head = 0 if cfg.tie_embeddings else vocab * h
-    return cfg.num_layers * (_matmul_weights_per_layer(cfg) + per_layer) + once + head
+    return cfg.num_layers * (matmul_weights_per_layer(cfg) + per_layer) + once + head
 
 
 def parameters_per_rank(cfg: ModelConfig, tp: int, layers: range | None = None) -> int:
@@ -85,5 +86,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     it only shrinks N_matmul through narrower K/V projections. Embedding lookups, position tables, norms and biases
     are not counted.
     """
-    n_matmul = cfg.num_layers * _matmul_weights_per_layer(cfg) + cfg.vocab_size * cfg.hidden_size
-    return 6.0 * n_matmul + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+    n_matmul = cfg.num_layers * matmul_weights_per_layer(cfg) + cfg.vocab_size * cfg.hidden_size
+    return 6.0 * n_matmul + cfg.num_layers * attention_flops_per_token(cfg, seq_len)
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """One layer's q k^T and (scores) v FLOPs per token, forward and backward: 3 * 2 * (2 * seq_len * h), the
+    causal mask's skipped half included (flops_per_token)."""
+    return 12.0 * cfg.hidden_size * seq_len

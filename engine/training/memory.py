@@ -53,7 +53,7 @@ GIB = 2**30
 F32 = 4
 
 
-def _sizes(cfg: Config) -> tuple[int, int]:
+def value_sizes(cfg: Config) -> tuple[int, int]:
     """(bytes per value of the residual stream, bytes per value of a matmul's input or output)."""
     half = cfg.train.precision in ("bf16", "fp16")
     residual = 2 if half and cfg.parallel.zero_stage > 0 else F32  # ZeRO computes on 16-bit parameters
@@ -76,7 +76,7 @@ def _widths(cfg: Config) -> dict[str, float]:
 def _norm_bytes(cfg: Config, w: dict[str, float]) -> float:
     """What one norm keeps for backward: its input (and the reference RMSNorm its fp32 input and normalised
     output), and fp32 per-row statistics (LayerNorm: mean and 1/std; RMSNorm: 1/rms)."""
-    residual, _ = _sizes(cfg)
+    residual, _ = value_sizes(cfg)
     n, h = w["norm_rows"], w["h"]
     if cfg.model.arch == "gpt2":
         return n * h * residual + 2 * n * F32
@@ -87,7 +87,7 @@ def _norm_bytes(cfg: Config, w: dict[str, float]) -> float:
 
 def layer_activation_bytes(cfg: Config) -> float:
     """Bytes one transformer layer keeps for backward per micro-batch on this rank, nothing recomputed."""
-    _, mm = _sizes(cfg)
+    _, mm = value_sizes(cfg)
     w = _widths(cfg)
     rows = w["rows"]
     norms = 2 * _norm_bytes(cfg, w)
@@ -106,7 +106,7 @@ def layer_activation_bytes(cfg: Config) -> float:
 
 def layer_input_bytes(cfg: Config) -> float:
     """Bytes one layer keeps per micro-batch under full recomputation: its input (this rank's sequence chunk)."""
-    residual, _ = _sizes(cfg)
+    residual, _ = value_sizes(cfg)
     w = _widths(cfg)
     return w["norm_rows"] * w["h"] * residual
 
@@ -122,7 +122,7 @@ def loss_bytes(cfg: Config) -> tuple[float, float]:
     """(kept, working): bytes the final norm, head and cross entropy keep for backward per micro-batch, and the
     extra the loss's backward allocates on top of them (the logits' gradients) at its peak."""
     m, p = cfg.model, cfg.parallel
-    _, mm = _sizes(cfg)
+    _, mm = value_sizes(cfg)
     w = _widths(cfg)
     rows = w["rows"]
     vocab = padded_vocab_size(m.vocab_size, p.tp, m.make_vocab_size_divisible_by) / p.tp
@@ -140,9 +140,23 @@ def loss_bytes(cfg: Config) -> tuple[float, float]:
 def layer_backward_bytes(cfg: Config) -> float:
     """Working memory of one layer's backward: the incoming gradient and the MLP intermediates' gradients
     (GPT-2: GELU's output and input; Llama: the product's, the gate's and the up projection's)."""
-    residual, mm = _sizes(cfg)
+    residual, mm = value_sizes(cfg)
     w = _widths(cfg)
     return w["rows"] * ((2 if cfg.model.arch == "gpt2" else 3) * w["f"] * mm + 2 * w["h"] * residual)
+
+
+def chunk_parameters(cfg: Config, stage: int) -> int:
+    """Parameters one tensor-parallel rank holds of pipeline stage `stage` (engine.model.flops.parameters_per_rank)."""
+    p = cfg.parallel
+    layers = stage_layers(cfg.model.num_layers, p.pp * p.virtual_stages, p.pipeline_layers)
+    return parameters_per_rank(cfg.model, p.tp, layers[stage])
+
+
+def bucket_bytes(cfg: Config, params: int) -> float:
+    """Bytes of one gradient bucket over a model chunk of `params` parameters: parallel.bucket_size_mb, or the whole
+    chunk's gradients when they are fewer."""
+    _, mm = value_sizes(cfg)
+    return min(cfg.parallel.bucket_size_mb * 2**20, params * mm)
 
 
 def zero_working_bytes(cfg: Config, params: int) -> float:
@@ -152,8 +166,8 @@ def zero_working_bytes(cfg: Config, params: int) -> float:
     p = cfg.parallel
     if p.zero_stage < 2:
         return 0.0
-    _, mm = _sizes(cfg)
-    bucket = min(p.bucket_size_mb * 2**20, params * mm)
+    _, mm = value_sizes(cfg)
+    bucket = bucket_bytes(cfg, params)
     gathered = 0.0
     if p.zero_stage == 3:
         layer = parameters_per_rank(cfg.model, p.tp, range(1)) - parameters_per_rank(cfg.model, p.tp, range(0))
@@ -175,17 +189,22 @@ def estimate_memory(cfg: Config) -> list[dict]:
     out = []
     for r in range(p.pp):
         mine = rank_stages(r, p.pp, p.virtual_stages)
-        params = sum(parameters_per_rank(m, p.tp, layers[s]) for s in mine)
+        params = sum(chunk_parameters(cfg, s) for s in mine)
         # What one micro-batch leaves behind in each chunk until its backward.
         chunk_bytes = [len(layers[s]) * kept_per_layer + (loss_kept if s == stages - 1 else 0.0)
-                       + autocast_weight_bytes(cfg, parameters_per_rank(m, p.tp, layers[s])) for s in mine]
+                       + autocast_weight_bytes(cfg, chunk_parameters(cfg, s)) for s in mine]
         # The most activation bytes held at once while the schedule runs, and how many (micro-batch, chunk)
         # activations make it up (micro-batches, with one chunk per rank).
         held: set[tuple[int, int]] = set()
-        most, in_flight = 0.0, 0
+        most, now, in_flight = 0.0, 0.0, 0
         for action in schedule_actions(p.pipeline_schedule, micro_batches_per_step(cfg), p.pp, r, p.virtual_stages):
-            (held.add if action.kind == "F" else held.discard)((action.micro, action.chunk))
-            now = sum(chunk_bytes[c] for _, c in held)
+            key = (action.micro, action.chunk)
+            if action.kind == "F" and key not in held:
+                held.add(key)
+                now += chunk_bytes[action.chunk]
+            elif action.kind == "B" and key in held:
+                held.discard(key)
+                now -= chunk_bytes[action.chunk]
             if now > most:
                 most, in_flight = now, len(held)
         # Backward's working memory on top of what is held: the loss's (last stage), or one layer rebuilt.
@@ -214,7 +233,8 @@ def estimate_memory(cfg: Config) -> list[dict]:
 def optimizer_working_bytes(cfg: Config, states: dict[str, int]) -> float:
     """Temporaries of the optimizer step on this rank: torch's foreach AdamW (the CPU path) builds a few lists of
     the size of the parameters it updates; CUDA's fused kernel none."""
-    on_cuda = cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
+    # train.device=cuda plans for a GPU even where none is (tools/plan.py on a laptop).
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     # An offloaded optimizer steps on the host, whatever device the model is on.
     device_type = "cuda" if on_cuda and cfg.parallel.optimizer_offload != "cpu" else "cpu"
     fused = adamw_impl(cfg.optim, device_type) == "fused"

@@ -20,6 +20,7 @@ chunk's last backward, so it runs once per step and overlaps the backward passes
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -79,9 +80,10 @@ def schedule_steps(schedule: str, micro_batches: int, pp: int, pp_rank: int,
     raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
 
-def schedule_actions(schedule: str, micro_batches: int, pp: int, pp_rank: int, virtual: int = 1) -> list[Action]:
+@functools.lru_cache(maxsize=1024)  # the planner's search asks for the same lists thousands of times
+def schedule_actions(schedule: str, micro_batches: int, pp: int, pp_rank: int, virtual: int = 1) -> tuple[Action, ...]:
     """Pipeline rank `pp_rank`'s actions for one step of `schedule`, in order."""
-    return [a for step in schedule_steps(schedule, micro_batches, pp, pp_rank, virtual) for a in step]
+    return tuple(a for step in schedule_steps(schedule, micro_batches, pp, pp_rank, virtual) for a in step)
 
 
 def _one_forward_one_backward(forwards: list[Action], backwards: list[Action], warmup: int,
