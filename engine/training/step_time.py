@@ -68,6 +68,9 @@ class Cluster:
     efficiency: float = 0.5  # achieved / peak FLOP/s of the model's computation
     comm_efficiency: float = 0.8  # achieved / nominal bandwidth of collectives
     latency_us: float = 10.0  # per collective inside a node; twice that across nodes
+    # Whether asynchronous collectives run beside the computation: on GPUs NCCL's kernels take a few SMs and the
+    # copy engines; on a CPU gloo's threads need the very cores that compute, so nothing is hidden.
+    overlap: bool = True
 
     @property
     def world(self) -> int:
@@ -316,10 +319,10 @@ def simulate(cfg: Config, forward_s: list[float], backward_s: list[float], messa
     return {"finish_s": free, "busy_s": busy, "sending_s": sending}
 
 
-def _exposed(total: float, window: float, floor: float) -> float:
+def _exposed(total: float, window: float, floor: float, overlap: bool = True) -> float:
     """What of `total` seconds of asynchronous communication is not hidden behind `window` seconds of compute;
-    at least `floor` (the part launched after the compute ends)."""
-    return max(total - window, min(floor, total))
+    at least `floor` (the part launched after the compute ends); all of it without `overlap`."""
+    return max(total - window, min(floor, total)) if overlap else total
 
 
 def estimate_step_time(cfg: Config, cluster: Cluster) -> dict:
@@ -365,14 +368,15 @@ def estimate_step_time(cfg: Config, cluster: Cluster) -> dict:
                 elif p.zero_stage >= 2:  # every micro-batch, inside the schedule
                     per_micro[tr.phase] += seconds / micro
                 else:  # once per step, during the chunk's last backward
-                    exposed = _exposed(seconds, window_b[s], seconds * last_bucket)
+                    exposed = _exposed(seconds, window_b[s], seconds * last_bucket, cluster.overlap)
                     after[r] += exposed
                     dp_exposed += exposed
             # Stage 3 gathers a part ahead of its forward (the first part's cannot be); reduce-scatters (and the
             # backward gathers) run behind this backward and the next micro-batch's forward.
-            exposed_f = _exposed(per_micro["forward"], window_f[s], per_micro["forward"] / (len(layers[s]) + 2))
+            exposed_f = _exposed(per_micro["forward"], window_f[s], per_micro["forward"] / (len(layers[s]) + 2),
+                                 cluster.overlap)
             exposed_b = _exposed(per_micro["backward"], window_b[s] + window_f[s],
-                                 per_micro["backward"] * last_bucket)
+                                 per_micro["backward"] * last_bucket, cluster.overlap)
             forward_s[s] += exposed_f
             backward_s[s] += exposed_b
             dp_exposed += (exposed_f + exposed_b) * micro
