@@ -41,7 +41,7 @@ def composed(*overrides: str) -> Config:
     return OmegaConf.to_object(cfg)
 
 
-@pytest.mark.parametrize("model", ["gpt2_tiny", "gpt2_124m", "gpt2_350m", "llama_tiny", "llama_1b"])
+@pytest.mark.parametrize("model", ["gpt2_tiny", "gpt2_124m", "gpt2_350m", "llama_tiny", "llama_1b", "llama_7b"])
 def test_presets_compose_and_validate(model):
     """Every model preset composes onto the schema and validates (vocab given, one process)."""
     cfg = composed(f"model={model}", "model.vocab_size=50304")
@@ -286,7 +286,7 @@ def test_dry_run_plans_each_pipeline_stage():
     (["train.stpes=10"], ["train.stpes: no such key; did you mean train.steps?"]),
     (["+modle.num_layers=2"], ["modle.num_layers: no such key; did you mean model.num_layers?"]),
     (["model=llama_tin"], ["model=llama_tin: no such option (options: gpt2_124m, gpt2_350m, gpt2_tiny, llama_1b, "
-                           "llama_tiny); did you mean model=llama_tiny?"]),
+                           "llama_7b, llama_tiny); did you mean model=llama_tiny?"]),
     (["modle=llama_tiny"], ["modle: not a config group (model, parallel, data, optim, train, logging); did you mean "
                             "model?"]),
     (["train.steps=abc", "train.compile=maybe", "optim.lr=fast", "train.steps=null"],
@@ -297,7 +297,7 @@ def test_dry_run_plans_each_pipeline_stage():
                              "(data.split='98,1,1') or give a list (data.split=[98,1,1])"]),
     (["-m", "optim.lr=1e-3,x", "model=gpt2_tiny,llama_tini"],
      ["optim.lr=x: not a number", "model=llama_tini: no such option (options: gpt2_124m, gpt2_350m, gpt2_tiny, "
-                                  "llama_1b, llama_tiny); did you mean model=llama_tiny?"]),
+                                  "llama_1b, llama_7b, llama_tiny); did you mean model=llama_tiny?"]),
 ])
 def test_command_line_problems_are_found_before_hydra(args, expected):
     """Misspelt keys and options get a did-you-mean (Hydra's own advice is to add `+`), values that cannot be

@@ -7,6 +7,8 @@ must be the ones the ranks send."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tools.check_plan_memory import CASES, compare, per_stage
@@ -52,3 +54,24 @@ def test_communication_bytes_match_the_collectives(rows):
                 want, got = predicted.get(group, {}).get(op, 0), measured.get(group, {}).get(op, 0)
                 assert abs(want - got) <= 64, f"{r['case']}, rank {r['rank']}: {group} {op} predicted {want:,.0f} " \
                                               f"bytes, measured {got:,.0f}"
+
+
+# CASES that conf/ composes as they are: model=llama_tiny is the base configuration's shape.
+PLAN_OVERRIDES = ["model=llama_tiny", "model.vocab_size=1000", "model.max_seq_len=128", "train.seq_len=128",
+                  "train.micro_batch_size=4", "train.global_batch_size=32", "parallel.dp=4"]
+PLANNED = {"dp4, ZeRO 0": [], "dp4, ZeRO 1": ["parallel.zero_stage=1"], "dp4, ZeRO 2": ["parallel.zero_stage=2"],
+           "dp4, ZeRO 3": ["parallel.zero_stage=3"],
+           "dp4, ZeRO 1, bf16 autocast": ["parallel.zero_stage=1", "train.precision=bf16"]}
+
+
+def test_plan_json_model_state_is_the_trainers(rows, capsys):
+    """tools/plan.py --json's memory_per_gpu_bytes.model_state (a contract for scripts) is the quantity the trainer
+    measures: its parameters', gradients', master weights' and optimizer states' bytes, for the same words."""
+    from tools.plan import main
+
+    for case, extra in PLANNED.items():
+        assert main([*PLAN_OVERRIDES, *extra, "--gpus-per-node", "4", "--json"]) == 0
+        planned = json.loads(capsys.readouterr().out)["memory_per_gpu_bytes"]
+        measured = {r["model_state"]["measured"] for r in rows if r["case"] == case}
+        assert measured == {planned["model_state"]}, case
+        assert planned["total"] >= planned["model_state"]
