@@ -74,13 +74,13 @@ def case_config(overrides: dict, tmp: str) -> Config:
     return apply(cfg, overrides, RANKS)
 
 
-def timed(fn, seconds: float = 0.5) -> float:
-    """Seconds per call of `fn`, repeated for about `seconds` after one untimed call."""
+def timed(fn, calls: int) -> float:
+    """Seconds per call of `fn` over `calls` calls after one untimed call (a fixed count: every rank must make the
+    same collective calls)."""
     fn()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    start = time.perf_counter()
+    for _ in range(calls):
         fn()
-        calls += 1
     return (time.perf_counter() - start) / calls
 
 
@@ -90,58 +90,65 @@ def machine(cfg: Config) -> dict:
     rows, h, f = cfg.train.seq_len * cfg.train.micro_batch_size, cfg.model.hidden_size, cfg.model.ffn_hidden_size
     a, b = torch.randn(rows, h), torch.randn(h, f)
     dist.barrier()
-    flops = 2 * rows * h * f / timed(lambda: a @ b)
+    flops = 2 * rows * h * f / timed(lambda: a @ b, 50)
     big, small = torch.zeros(2**20), torch.zeros(1)  # 4 MiB
     dist.barrier()
-    bus = 2 * (RANKS - 1) / RANKS * big.numel() * 4 / timed(lambda: dist.all_reduce(big))
-    latency = timed(lambda: dist.all_reduce(small), 0.2)
+    bus = 2 * (RANKS - 1) / RANKS * big.numel() * 4 / timed(lambda: dist.all_reduce(big), 50)
+    latency = timed(lambda: dist.all_reduce(small), 200)
     x, y = torch.randn(2**23), torch.randn(2**23)  # 32 MiB each: out of cache
-    memory = 3 * x.numel() * 4 / timed(lambda: x.add_(y), 0.3)  # read two, write one
+    memory = 3 * x.numel() * 4 / timed(lambda: x.add_(y), 20)  # read two, write one
     return {"flops": flops, "bus_bytes_per_s": bus, "latency_s": latency, "memory_bytes_per_s": memory}
 
 
-def step_seconds(cfg: Config, run_dir: str, warmup: int, steps: int) -> list[tuple[float, float]]:
-    """Each timed step's length on the slowest rank, and the most seconds a rank spent inside collectives and
+def timed_step(trainer: Trainer) -> tuple[float, float]:
+    """One training step's length on the slowest rank, and the most seconds a rank spent inside collectives and
     their waits during it (engine.parallel.comm's record)."""
-    p = cfg.parallel
-    trainer = Trainer(cfg, init_parallel(p.tp, p.pp, p.dp, torch.device("cpu"), backend="gloo"), run_dir)
-    for _ in range(warmup):
-        trainer.train_step()
-    out = []
-    for _ in range(steps):
-        dist.barrier()
-        start, blocked = time.perf_counter(), comm.LOG.blocked_s
-        trainer.train_step()
-        took = torch.tensor([time.perf_counter() - start, comm.LOG.blocked_s - blocked], dtype=torch.float64)
-        dist.all_reduce(took, op=dist.ReduceOp.MAX)
-        out.append((float(took[0]), float(took[1])))
-    return out
+    dist.barrier()
+    start, blocked = time.perf_counter(), comm.LOG.blocked_s
+    trainer.train_step()
+    took = torch.tensor([time.perf_counter() - start, comm.LOG.blocked_s - blocked], dtype=torch.float64)
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took[0]), float(took[1])
 
 
 def worker(rank: int, port: int, tmp: str, warmup: int, steps: int, results: dict) -> None:
-    """One rank: the machine's measurements, then every configuration in turn."""
+    """One rank: the machine's measurements, then every configuration's Trainer built, warmed up and stepped in
+    rounds (one step of each per round), so that the machine's drift over the run falls on all of them alike."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(RANKS),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", rank=rank, world_size=RANKS, timeout=timedelta(seconds=300))
-    out = {"machine": machine(case_config({"parallel.dp": 2}, tmp)), "steps": {}}
+    probe = case_config({"parallel.dp": 2}, tmp)
+    before = machine(probe)
+    out = {"steps": {name: [] for name, _ in CASES}}
+    trainers = {}
     for i, (name, overrides) in enumerate(CASES):
-        out["steps"][name] = step_seconds(case_config(overrides, tmp), f"{tmp}/run{i}-{rank}", warmup, steps)
+        cfg = case_config(overrides, tmp)
+        p = cfg.parallel
+        trainers[name] = Trainer(cfg, init_parallel(p.tp, p.pp, p.dp, torch.device("cpu"), backend="gloo"),
+                                 f"{tmp}/run{i}-{rank}")
+        for _ in range(warmup):
+            trainers[name].train_step()
+    for _ in range(steps):
+        for name, trainer in trainers.items():
+            out["steps"][name].append(timed_step(trainer))
+    after = machine(probe)
+    out["machine"] = {key: (before[key] + after[key]) / 2 for key in before}
     results[rank] = out
     dist.barrier()
     dist.destroy_process_group()
 
 
-def cpu_cluster(measured: dict, efficiency: float, comm_efficiency: float) -> Cluster:
+def cpu_cluster(measured: dict, efficiency: float, latency_s: float) -> Cluster:
     """This machine as a planner cluster: one node of RANKS ranks, each with its measured matmul rate, all-reduce
-    bandwidth and latency and memory bandwidth (gloo's threads compute on the same cores, so no overlap), at
-    `efficiency` of the matmul rate and `comm_efficiency` of the bandwidth."""
+    bandwidth and memory bandwidth (gloo's threads compute on the same cores, so no overlap), at `efficiency` of
+    the matmul rate and `latency_s` per collective."""
     gbps = measured["bus_bytes_per_s"] / 1e9
     return Cluster(name="this CPU", nodes=1, gpus_per_node=RANKS, gpu_memory_gib=1e6,
                    peak_tflops=measured["flops"] / 1e12, intra_node_gbps=gbps, inter_node_gbps=gbps,
-                   hbm_gbps=measured["memory_bytes_per_s"] / 1e9, efficiency=efficiency,
-                   comm_efficiency=comm_efficiency, latency_us=measured["latency_s"] * 1e6, overlap=False)
+                   hbm_gbps=measured["memory_bytes_per_s"] / 1e9, efficiency=efficiency, comm_efficiency=1.0,
+                   latency_us=latency_s * 1e6, overlap=False)
 
 
 def solve(predict, seconds: float, low: float, high: float) -> float:
@@ -173,23 +180,23 @@ def compare(warmup: int = 1, steps: int = 4) -> dict:
     blocked = {name: statistics.median(b for _, b in ranks[0]["steps"][name]) for name, _ in CASES}
     configs = {name: case_config(overrides, "/nonexistent") for name, overrides in CASES}
     (compute_case, _), (comm_case, _) = CASES[0], CASES[1]
-    # The compute efficiency from the run with the least communication, and the share of the idle bandwidth a
-    # collective gets inside a step (its wait for the slower rank included) from TP's; each depends a little on
-    # the other, so a few rounds until both runs are predicted as measured.
-    efficiency, comm_efficiency = 1.0, 1.0
+    # The compute efficiency from the run with the least communication, and what a collective costs inside a
+    # step beyond its bytes (its wait for the slower rank to arrive included) from TP's many small ones; each
+    # depends a little on the other, so a few rounds until both runs are predicted as measured.
+    efficiency, latency = 1.0, measured["latency_s"]
     for _ in range(5):
-        efficiency = solve(lambda e, c=comm_efficiency: estimate_step_time(configs[compute_case], cpu_cluster(
-            measured, e, c))["step_s"], step[compute_case], 1e-4, 1.0)
-        comm_efficiency = solve(lambda c, e=efficiency: estimate_step_time(configs[comm_case], cpu_cluster(
-            measured, e, c))["step_s"], step[comm_case], 1e-3, 1.0)
+        efficiency = solve(lambda e, x=latency: estimate_step_time(configs[compute_case], cpu_cluster(
+            measured, e, x))["step_s"], step[compute_case], 1e-4, 2.0)  # of a probe: may exceed 1
+        latency = solve(lambda x, e=efficiency: -estimate_step_time(configs[comm_case], cpu_cluster(
+            measured, e, x))["step_s"], -step[comm_case], 1e-6, 1.0)
     rows = []
     for name, cfg in configs.items():
-        estimate = estimate_step_time(cfg, cpu_cluster(measured, efficiency, comm_efficiency))
+        estimate = estimate_step_time(cfg, cpu_cluster(measured, efficiency, latency))
         rows.append({"case": name, "measured_s": step[name], "all_measured_s": ranks[0]["steps"][name],
                      "measured_blocked_s": blocked[name], "calibration": name in (compute_case, comm_case),
                      "predicted_s": estimate["step_s"], "error": estimate["step_s"] / step[name] - 1,
                      "estimate": estimate})
-    return {"machine": measured, "efficiency": efficiency, "comm_efficiency": comm_efficiency, "rows": rows}
+    return {"machine": measured, "efficiency": efficiency, "latency_s": latency, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -198,8 +205,7 @@ def table(result: dict) -> str:
     lines = [f"machine, per rank ({RANKS} ranks, 1 thread each): matmul {m['flops'] / 1e9:.1f} GFLOP/s, gloo "
              f"all-reduce {m['bus_bytes_per_s'] / 1e9:.2f} GB/s bus bandwidth and {m['latency_s'] * 1e6:.0f} us "
              f"latency idle, memory {m['memory_bytes_per_s'] / 1e9:.1f} GB/s; calibrated: compute efficiency "
-             f"{result['efficiency']:.3f}, collectives at {result['comm_efficiency']:.3f} of that bandwidth in a "
-             "step", "",
+             f"{result['efficiency']:.3f}, {result['latency_s'] * 1e6:.0f} us per collective inside a step", "",
              "| configuration | measured step (s) | predicted (s) | error | predicted compute / TP / PP / bubble / "
              "DP exposed (s) | measured in collectives (s) |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
