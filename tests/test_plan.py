@@ -143,3 +143,45 @@ def test_budget_suggests_a_shape_and_steps(capsys):
 def test_bad_input_exits_2_with_the_reason(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def documented_plan_commands() -> list[tuple[str, str]]:
+    """(where, arguments) of every `tools/plan.py` command in README.md and docs/, and in its own docstring."""
+    import ast
+    import re
+
+    from tests.test_documented_commands import REPO, comment_commands, markdown_commands
+
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "tools" / "plan.py"]:
+        text = doc.read_text()
+        pairs = (markdown_commands(text) if doc.suffix == ".md"
+                 else comment_commands(ast.get_docstring(ast.parse(text))))
+        for n, command in pairs:
+            m = re.search(r"tools/plan\.py(.*)", command.split("#")[0])
+            if m and m.group(1).strip() and "..." not in command and "<" not in command:
+                found.append((f"{doc.relative_to(REPO)}:{n}", m.group(1)))
+    return found
+
+
+PLAN_COMMANDS = documented_plan_commands()
+
+
+def test_commands_are_documented():
+    assert len(PLAN_COMMANDS) >= 8
+
+
+@pytest.mark.parametrize("where,arguments", PLAN_COMMANDS, ids=[w for w, _ in PLAN_COMMANDS])
+def test_documented_plan_commands_are_valid(where, arguments):
+    """Each documented command's overrides compose, its cluster builds, and (a single plan) its layout validates:
+    what tools/plan.py does before it estimates anything (the estimates are the other tests')."""
+    import shlex
+
+    from tools.plan import build_cluster, compose, parse_args
+
+    args = parse_args(shlex.split(arguments))
+    cfg = compose(args.overrides)
+    cluster, _ = build_cluster(args, cfg.train.precision)
+    fill_defaults(cfg, cluster.world, cfg.model.vocab_size)
+    if not args.search and args.budget is None:
+        validate(cfg, cluster.world)
