@@ -252,6 +252,10 @@ def environment_problems(config: Config, run_dir: Path, valid: bool) -> list[str
         errors.append(str(e))
     if config.logging.wandb and importlib.util.find_spec("wandb") is None:
         errors.append("logging.wandb=true but wandb is not installed: pip install wandb, or set logging.wandb=false")
+    if config.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        # torch.utils.tensorboard imports the tensorboard package only when a writer is made: fail before training.
+        errors.append("logging.tensorboard=true but tensorboard is not installed: pip install tensorboard, or set "
+                      "logging.tensorboard=false")
     if config.train.init_from and not is_hf_model_dir(config.train.init_from):
         try:
             resolve_checkpoint(config.train.init_from)

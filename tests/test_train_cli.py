@@ -289,3 +289,16 @@ def test_help_lists_the_keys(tmp_path):
     assert r.returncode == 0 and "== Keys" in r.stdout
     assert "  train.steps " in r.stdout and "optimizer steps to train" in r.stdout
     assert "  parallel.zero_stage " in r.stdout and "Exit codes: 0 done; 2 invalid configuration" in r.stdout
+
+
+@pytest.mark.parametrize("package,key", [("wandb", "logging.wandb"), ("tensorboard", "logging.tensorboard")])
+def test_a_missing_logging_package_is_refused_at_start(tmp_path, monkeypatch, package, key):
+    """logging.wandb or logging.tensorboard without its package: named at start (exit 2), not at the first log."""
+    import importlib.util
+
+    cfg = tiny_config(write_pattern_shard(tmp_path / "shard"), str(tmp_path / "cache"), "llama")
+    setattr(cfg.logging, key.split(".")[1], True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else find_spec(name, *a))
+    problems = configuration_problems(cfg, 1, tmp_path / "run")
+    assert any(p.startswith(f"{key}=true but {package} is not installed") for p in problems), problems
