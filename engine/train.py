@@ -125,7 +125,9 @@ def dry_run_lines(cfg: Config) -> list[str]:
               "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
                           ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "working_gib",
                            "total_gib"))
-              + f" ({n} {held} in flight)")
+              + f" ({n} {held} in flight)"
+              + (f"; the optimizer's {row['host_bytes'] / 2**30:.2f} GiB are in host memory, not in the total"
+                 if row["host_bytes"] else ""))
         stages = row["model_state_bytes"]
         lines.append("  model states (parameters, gradients, master weights, AdamW) by parallel.zero_stage: "
               + ", ".join(f"{k} {v / 2**30:.2f} GiB" + (" <- this run" if k == p.zero_stage else "")

@@ -16,6 +16,7 @@ from engine.training.step_time import Cluster, estimate_step_time, simulate
 from tools.plan import compute_optimal, main
 
 LLAMA_1B = ["model=llama_1b", "train=pretrain_1b", "model.vocab_size=32000"]
+PARTS = ("compute_s", "tp_comm_s", "pp_message_s", "pipeline_bubble_s", "dp_exposed_s", "optimizer_s")
 H100 = Cluster(name="h100", nodes=4, gpus_per_node=8, gpu_memory_gib=79.6, peak_tflops=989.4,
                intra_node_gbps=450.0, inter_node_gbps=50.0, hbm_gbps=3350.0)
 
@@ -90,11 +91,50 @@ def test_plan_reports_fit_time_and_the_trainers_words(capsys):
     assert out["memory_per_gpu_bytes"]["total"] <= out["usable_memory_bytes"]
     assert "parallel.tp=8 parallel.pp=1 parallel.dp=4" in out["overrides"]
     assert out["model"]["parameters"] == 1_100_048_384
-    parts = ("compute_s", "tp_comm_s", "pp_message_s", "pipeline_bubble_s", "dp_exposed_s", "optimizer_s")
-    assert out["step_s"] == pytest.approx(sum(out[k] for k in parts), rel=0.02)  # where the time goes adds up
+    assert out["step_s"] == pytest.approx(sum(out[k] for k in PARTS))  # where the time goes adds up
     assert main([*LLAMA_1B, "parallel.tp=8", "--nodes", "4"]) == 0  # the text report
     text = capsys.readouterr().out
     assert "every rank (layers 0-21)" in text and "fits: yes" in text and "MFU" in text
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.pp=2", "parallel.tp=2", "parallel.zero_stage=3", "parallel.pipeline_schedule=interleaved_1f1b",
+     "parallel.virtual_stages=11"],
+    ["parallel.pp=2", "parallel.zero_stage=1"], ["parallel.pp=2", "parallel.tp=8", "parallel.zero_stage=2",
+                                                "model.recompute=full", "parallel.pipeline_layers=[8,14]"]])
+def test_the_parts_of_a_pipelined_step_add_up(capsys, layout):
+    """With several pipeline ranks the parts are one rank's, and sum to the step; ZeRO hides no more than there is
+    traffic."""
+    out = plan_json(capsys, *LLAMA_1B, *layout, "--nodes", "4")
+    assert out["step_s"] == pytest.approx(sum(out[k] for k in PARTS))
+    assert all(out[k] >= 0 for k in PARTS) and out["dp_exposed_s"] <= out["dp_traffic_s"] + 1e-9
+
+
+def test_zero3_hides_its_gathers_only_behind_compute(capsys):
+    """One micro-batch (no accumulation): stage 3's forward gathers hide behind the forward, the backward's
+    gathers and reduce-scatters behind the backward alone; exposed is at least what exceeds each."""
+    from tools.plan import compose
+
+    cfg = compose(["model=llama_7b", "model.vocab_size=32000", "train.precision=bf16", "train.seq_len=8192",
+                   "model.max_seq_len=8192", "train.global_batch_size=128", "train.micro_batch_size=1",
+                   "parallel.zero_stage=3", "model.recompute=selective"])
+    cluster = replace(H100, nodes=16)
+    fill_defaults(cfg, cluster.world)
+    validate(cfg, cluster.world)
+    alone = estimate_step_time(cfg, replace(cluster, overlap=False))
+    hidden = estimate_step_time(cfg, cluster)
+    compute = hidden["compute_s"]
+    assert hidden["dp_exposed_s"] >= alone["dp_exposed_s"] - compute - 1e-9  # at most all compute hides traffic
+    assert hidden["step_s"] < alone["step_s"]
+
+
+def test_offloaded_optimizer_states_are_not_gpu_memory(capsys):
+    args = [*LLAMA_1B, "parallel.zero_stage=1", "train.micro_batch_size=1"]
+    on_gpu = plan_json(capsys, *args)["memory_per_gpu_bytes"]
+    offloaded = plan_json(capsys, *args, "parallel.optimizer_offload=cpu")["memory_per_gpu_bytes"]
+    assert offloaded["model_state"] == on_gpu["model_state"]  # the trainer's model_state_bytes counts them
+    assert offloaded["host"] == on_gpu["optimizer"] > 0 and on_gpu["host"] == 0
+    assert offloaded["total"] == pytest.approx(on_gpu["total"] - on_gpu["optimizer"])
 
 
 def test_a_layout_too_big_says_so(capsys):
@@ -112,6 +152,13 @@ def test_search_ranks_layouts_and_keeps_fixed_keys(capsys):
     assert main([*LLAMA_1B, "parallel.tp=2", "--nodes", "2", "--search", "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "fastest that fit" in text and text.count("parallel.tp=2 parallel.pp=") >= 3
+
+
+def test_search_holds_a_given_dp_and_says_when_nothing_is_valid(capsys):
+    out = plan_json(capsys, *LLAMA_1B, "parallel.dp=4", "--nodes", "4", "--search")
+    assert out["fits"] and all(" parallel.dp=4 " in r["overrides"] for r in out["fits"] + out["does_not_fit"])
+    assert main([*LLAMA_1B, "--nodes", "1000", "--search"]) == 2  # 8000 GPUs, a global batch of 512
+    assert "no valid layout to rank" in capsys.readouterr().err
 
 
 def test_budget_reproduces_chinchilla():
@@ -139,6 +186,9 @@ def test_budget_suggests_a_shape_and_steps(capsys):
     (["model=llama_1b", "model.vocab_size=32000", "parallel.dp=3"], "world size is 8"),
     (["model=llama_1b", "model.vocab_size=32000", "--nodes", "0"], "--nodes=0 must be positive"),
     (["model=llama_1b", "model.vocab_size=32000", "--efficiency", "1.5"], "--efficiency=1.5 must be at most 1"),
+    (["model=llama_1b", "model.vocab_size=32000", "--gpu-memory-gib", "0"], "--gpu-memory-gib=0.0 must be positive"),
+    (["model=llama_1b", "model.vocab_size=32000", "train.precision=int8"], "no peak is known for it"),
+    (["model=llama_1b", "model.vocab_size=32000", "--search", "--top", "0"], "--top=0 must be at least 1"),
 ])
 def test_bad_input_exits_2_with_the_reason(args, message, capsys):
     assert main(args) == 2

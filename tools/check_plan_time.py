@@ -10,11 +10,11 @@ real `Trainer` for --warmup untimed steps and --steps timed ones; a step lasts a
 Calibration fixes two constants on two runs, so that their predicted step times equal the measured ones: the
 compute efficiency on dp2, the run with the least communication (the fraction of the matmul rate the whole step's
 computation achieves: norms, attention, elementwise work and Python's overhead all land in it); then, on tp2, the
-share of the idle all-reduce bandwidth a collective gets inside a step (a blocking collective also waits for the
-slower rank to arrive). Every other configuration is predicted with those two, and error = predicted /
-measured - 1 is reported: the model's error on layouts it was not fitted to.
+time one collective costs inside a step beyond its bytes (a blocking collective also waits for the slower rank to
+arrive, so it is several times the latency measured idle). Every other configuration is predicted with those two,
+and error = predicted / measured - 1 is reported: the model's error on layouts it was not fitted to.
 
-    python tools/check_plan_time.py            # the table of docs/planning.md (~2 minutes on 2 cores)
+    python tools/check_plan_time.py            # the table of docs/planning.md (~1.5 minutes on 2 cores)
     python tools/check_plan_time.py --json
 """
 

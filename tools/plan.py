@@ -17,15 +17,16 @@ bandwidth, the pipeline schedule simulated, the share hidden by overlap stated),
 
 --search varies the layout keys not given on the command line: parallel.tp (powers of two within a node),
 parallel.pp (divisors of the layers) with 1f1b or interleaved_1f1b (GPipe has 1F1B's bubble and more memory),
-parallel.zero_stage, model.recompute and train.micro_batch_size; parallel.dp fills the cluster, sequence
-parallelism is on wherever tp > 1 (the same bytes as TP's all-reduces, less memory). Exit codes: 0, or 2 for an
-invalid configuration or cluster (every problem listed).
+parallel.zero_stage, model.recompute, train.micro_batch_size and parallel.sequence_parallel (where tp > 1);
+parallel.dp fills the cluster. Exit codes: 0, or 2 for an invalid configuration or cluster, or a search with no
+valid layout (every problem listed).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import sys
@@ -61,7 +62,7 @@ MEMORY_MARGIN = 0.10
 # 70-100 tokens per parameter at these budgets, against its approaches 1 and 2 and its 70B model on 1.4T tokens
 # (about 20); the re-fit agrees with those.
 CHINCHILLA = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
-LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.virtual_stages", "parallel.pipeline_schedule",
+LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.dp", "parallel.virtual_stages", "parallel.pipeline_schedule",
                "parallel.zero_stage", "parallel.sequence_parallel", "model.recompute", "train.micro_batch_size")
 
 
@@ -100,11 +101,13 @@ def compose(overrides: list[str]) -> Config:
 def build_cluster(args: argparse.Namespace, precision: str) -> tuple[Cluster, str]:
     """The cluster of --cluster and the flags overriding it, and a one-line description."""
     preset = PRESETS[args.cluster]
-    peak = args.peak_tflops or PEAK_TFLOPS[(preset["device"], precision)]
-    values = {"gpus_per_node": args.gpus_per_node, "gpu_memory_gib": args.gpu_memory_gib or preset["gpu_memory_gib"],
-              "intra_node_gbps": args.intra_node_gbps or preset["intra_node_gbps"],
-              "inter_node_gbps": args.inter_node_gbps or preset["inter_node_gbps"],
-              "hbm_gbps": args.hbm_gbps or preset["hbm_gbps"]}
+    if args.peak_tflops is None and (preset["device"], precision) not in PEAK_TFLOPS:
+        raise PlanError([f"train.precision={precision!r}: no peak is known for it on {preset['label']} (fp32, "
+                         "bf16 or fp16), or give --peak-tflops"])
+    peak = args.peak_tflops if args.peak_tflops is not None else PEAK_TFLOPS[(preset["device"], precision)]
+    values = {"gpus_per_node": args.gpus_per_node}
+    for key in ("gpu_memory_gib", "intra_node_gbps", "inter_node_gbps", "hbm_gbps"):  # a flag given wins
+        values[key] = getattr(args, key) if getattr(args, key) is not None else preset[key]
     problems = [f"--{k.replace('_', '-')}={v} must be positive" for k, v in
                 {**values, "nodes": args.nodes, "peak_tflops": peak, "efficiency": args.efficiency,
                  "comm_efficiency": args.comm_efficiency}.items() if not v > 0]
@@ -146,7 +149,7 @@ def plan(cfg: Config, cluster: Cluster) -> dict:
     memory = {"model_state": worst["model_state_bytes"][worst["zero_stage"]],
               "parameters": worst["parameters_bytes"], "gradients": worst["gradients_bytes"],
               "optimizer": worst["optimizer_bytes"], "activations": worst["activations_bytes"],
-              "working": worst["working_bytes"], "total": worst["total_bytes"]}
+              "working": worst["working_bytes"], "host": worst["host_bytes"], "total": worst["total_bytes"]}
     fits = memory["total"] <= usable
     where = "" if cfg.parallel.pp == 1 else f" on pipeline rank {worst['pp_rank']}"
     return {"overrides": layout_overrides(cfg), "memory_per_gpu_bytes": memory,
@@ -173,14 +176,14 @@ def report(cfg: Config, cluster: Cluster, label: str, result: dict) -> list[str]
         f"fits: {'yes' if s['fits'] else 'NO'}: {s['memory_per_gpu_bytes']['total'] / GIB:.1f} GiB per GPU at the "
         f"peak, of {usable:.1f} GiB usable ({cluster.gpu_memory_gib:g} GiB less {MEMORY_MARGIN:.0%} for the CUDA "
         "context, NCCL buffers and fragmentation)",
-        f"step time (estimate): {total:.3f} s, for the pipeline rank that computes longest:",
+        f"step time (estimate): {total:.3f} s; where it goes, on the pipeline rank that finishes last:",
         f"  compute          {share(s['compute_s'])}   (model FLOPs and recomputation at {cluster.efficiency:.0%} of "
         "peak)",
         f"  TP comm          {share(s['tp_comm_s'])}   (never overlapped: each collective sits between two matmuls)",
         f"  PP messages      {share(s['pp_message_s'])}",
         f"  pipeline bubble  {share(s['pipeline_bubble_s'])}   (simulated from the schedule's own action order)",
         f"  DP/ZeRO comm     {share(s['dp_exposed_s'])}   exposed, of {s['dp_traffic_s']:.3f} s of traffic "
-        f"({hidden:.0%} hidden behind backward and forward)",
+        f"({hidden:.0%} hidden behind computation)",
         f"  optimizer        {share(s['optimizer_s'])}",
         f"throughput: {s['tokens_per_s']:,.0f} tokens/s ({s['tokens_per_s'] / cluster.world:,.0f} per GPU), MFU "
         f"{s['mfu']:.1%}",
@@ -196,31 +199,35 @@ def search_space(base: Config, cluster: Cluster, fixed: set[str]) -> list[Config
         section, name = key.split(".")
         return [getattr(getattr(base, section), name)] if key in fixed else options
 
-    tps = choose("parallel.tp", [tp for tp in (1, 2, 4, 8, 16) if tp <= cluster.gpus_per_node and not world % tp])
+    def schedules(pp: int) -> list[tuple[str, int]]:
+        if pp == 1:
+            return [("1f1b", 1)]
+        options = [("1f1b", 1)] + [("interleaved_1f1b", v) for v in (2, 4) if not m.num_layers % (pp * v)]
+        if "parallel.pipeline_schedule" in fixed:  # held: that schedule, over the chunk counts it takes
+            options = [o for o in options if o[0] == p.pipeline_schedule] or [(p.pipeline_schedule, 1)]
+        if "parallel.virtual_stages" in fixed:
+            options = [("interleaved_1f1b" if p.virtual_stages > 1 else o[0], p.virtual_stages) for o in options]
+        return list(dict.fromkeys(options))
+
     out = []
-    for tp in tps:
-        for pp in choose("parallel.pp", [pp for pp in range(1, m.num_layers + 1)
-                                          if not m.num_layers % pp and not world % (tp * pp)]):
-            if world % (tp * pp):
+    for tp in choose("parallel.tp", [tp for tp in (1, 2, 4, 8, 16) if tp <= cluster.gpus_per_node]):
+        for pp in choose("parallel.pp", [pp for pp in range(1, m.num_layers + 1) if not m.num_layers % pp]):
+            if world % (tp * pp) or ("parallel.dp" in fixed and tp * pp * p.dp != world):
                 continue
             dp = world // (tp * pp)
-            schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1)] + [
-                ("interleaved_1f1b", v) for v in (2, 4) if not m.num_layers % (pp * v)]
-            if "parallel.pipeline_schedule" in fixed or "parallel.virtual_stages" in fixed:
-                schedules = [(p.pipeline_schedule, p.virtual_stages)]
-            for schedule, virtual in schedules:
-                for zero in choose("parallel.zero_stage", [0, 1, 2, 3] if dp > 1 else [0]):
-                    for recompute in choose("model.recompute", ["none", "selective", "full"]):
-                        for micro in choose("train.micro_batch_size", [1, 2, 4, 8, 16]):
-                            if t.global_batch_size % (micro * dp):
-                                continue
-                            cfg = copy.deepcopy(base)
-                            q = cfg.parallel
-                            q.tp, q.pp, q.dp, q.pipeline_schedule, q.virtual_stages = tp, pp, dp, schedule, virtual
-                            q.zero_stage, cfg.model.recompute, cfg.train.micro_batch_size = zero, recompute, micro
-                            if "parallel.sequence_parallel" not in fixed:
-                                q.sequence_parallel = tp > 1
-                            out.append(cfg)
+            for (schedule, virtual), zero, recompute, micro, sp in itertools.product(
+                    schedules(pp), choose("parallel.zero_stage", [0, 1, 2, 3] if dp > 1 else [0]),
+                    choose("model.recompute", ["none", "selective", "full"]),
+                    choose("train.micro_batch_size", [1, 2, 4, 8, 16]),
+                    choose("parallel.sequence_parallel", [True, False] if tp > 1 else [False])):
+                if t.global_batch_size % (micro * dp):
+                    continue
+                cfg = copy.deepcopy(base)
+                q = cfg.parallel
+                q.tp, q.pp, q.dp, q.pipeline_schedule, q.virtual_stages = tp, pp, dp, schedule, virtual
+                q.zero_stage, q.sequence_parallel = zero, sp
+                cfg.model.recompute, cfg.train.micro_batch_size = recompute, micro
+                out.append(cfg)
     return out
 
 
@@ -247,7 +254,7 @@ def search(base: Config, cluster: Cluster, fixed: set[str]) -> dict:
 def search_report(found: dict, top: int, label: str) -> list[str]:
     """The ranked layouts, the fastest ones that do not fit and why, and what the trainer would refuse."""
     lines = [f"cluster: {label}",
-             f"{len(found['fits'])} layouts fit, {len(found['does_not_fit'])} do not, "
+             f"{len(found['fits'])} layout{'s' * (len(found['fits']) != 1)} fit, {len(found['does_not_fit'])} do not, "
              f"{sum(found['invalid'].values())} the trainer would refuse"]
 
     def row(i: int, r: dict) -> str:
@@ -311,9 +318,11 @@ def budget_report(gpu_hours: float, cluster: Cluster, mfu: float, cfg: Config) -
     overrides = (f"model=llama_1b model.name=llama_{shape['parameters'] / 1e9:.1f}b model.num_layers="
                  f"{shape['num_layers']} model.hidden_size={shape['hidden_size']} model.num_heads="
                  f"{shape['num_heads']} model.num_kv_heads={shape['num_kv_heads']} model.ffn_hidden_size="
-                 f"{shape['ffn_hidden_size']} model.vocab_size={cfg.model.vocab_size} train.steps={steps}")
-    lines = [f"budget: {gpu_hours:,.0f} GPU-hours on {cluster.name} at {mfu:.0%} MFU = {opt['compute_flops']:.3g} "
-             "training FLOPs",
+                 f"{shape['ffn_hidden_size']} model.vocab_size={cfg.model.vocab_size} train.steps={steps} "
+                 f"train.seq_len={t.seq_len} train.global_batch_size={t.global_batch_size} "
+                 f"train.precision={t.precision}")
+    lines = [f"budget: {gpu_hours:,.0f} GPU-hours on {cluster.name} at {mfu:.0%} MFU of {cluster.peak_tflops:g} "
+             f"TFLOP/s ({t.precision}) = {opt['compute_flops']:.3g} training FLOPs",
              f"compute-optimal by Chinchilla (Hoffmann et al. 2022), approach 3 as re-fitted by Besiroglu et al. "
              f"2024: L(N, D) = {c['E']} + {c['A']} / N^{c['alpha']} + {c['B']} / D^{c['beta']}, C = 6 N D:",
              f"  {opt['parameters'] / 1e9:.2f}B parameters, {opt['tokens'] / 1e9:.1f}B tokens "
@@ -328,8 +337,11 @@ def budget_report(gpu_hours: float, cluster: Cluster, mfu: float, cfg: Config) -
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line: the trainer's overrides, before or after the flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="the trainer's overrides: model=..., parallel.*, train.*")
+    parser.add_argument("overrides", nargs="*",
+                        help="the trainer's overrides: model=..., parallel.*, train.* (model.vocab_size, or a "
+                             "data.tokenizer on disk to read it from)")
     parser.add_argument("--cluster", choices=sorted(PRESETS), default="h100", help="node preset (default h100)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
@@ -344,18 +356,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="achieved / peak FLOP/s of the model's computation (default 0.5)")
     parser.add_argument("--comm-efficiency", type=float, default=0.8,
                         help="achieved / nominal bandwidth of collectives (default 0.8)")
-    parser.add_argument("--search", action="store_true", help="rank every valid layout by estimated tokens/s")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--search", action="store_true", help="rank every valid layout by estimated tokens/s")
     parser.add_argument("--top", type=int, default=12, help="--search: layouts shown (default 12)")
-    parser.add_argument("--budget", type=float, metavar="GPU_HOURS",
-                        help="suggest a compute-optimal model size and token count for this many GPU-hours")
+    mode.add_argument("--budget", type=float, metavar="GPU_HOURS",
+                      help="suggest a compute-optimal model size and token count for this many GPU-hours")
     parser.add_argument("--mfu", type=float, default=0.4, help="--budget: the MFU the budget buys (default 0.4)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser.parse_intermixed_args(argv)  # overrides before and after the flags
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plan, search or budget; print text or JSON. Returns the exit code: 0, or 2 for a plan it cannot make."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.top < 1:
+            raise PlanError([f"--top={args.top} must be at least 1"])
         cfg = compose(args.overrides)
         cluster, label = build_cluster(args, cfg.train.precision)
         fill_defaults(cfg, cluster.world, cfg.model.vocab_size)
@@ -366,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.search:
             fixed = {a.split("=", 1)[0].lstrip("+") for a in args.overrides if "=" in a} & set(LAYOUT_KEYS)
             found = search(cfg, cluster, fixed)
+            if not found["fits"] and not found["does_not_fit"]:
+                reasons = list(found["invalid"]) or [
+                    f"no layout of the search fits {cluster.world} GPUs with the keys held "
+                    f"({', '.join(sorted(fixed)) or 'none'}) and train.global_batch_size={cfg.train.global_batch_size}"]
+                raise PlanError(["no valid layout to rank; the trainer would refuse every one:", *reasons])
             out = {"model": model_summary(cfg), "cluster": asdict(cluster), **found}
             lines = [*model_lines(cfg), *search_report(found, args.top, label)]
         else:
@@ -379,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(out, indent=1) if args.json else "\n".join(lines))
+    try:
+        print(json.dumps(out, indent=1) if args.json else "\n".join(lines))
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        sys.stderr.close()
     return 0
 
 

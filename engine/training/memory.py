@@ -215,13 +215,18 @@ def estimate_memory(cfg: Config) -> list[dict]:
                                                    p.optimizer_offload) for stage in range(4)}
         mine_now = states[p.zero_stage]
         model_state = sum(mine_now.values())
-        step_peak = max(model_state + most + working, model_state + optimizer_working_bytes(cfg, mine_now))
+        # Offloaded to a GPU's host, the master weights and AdamW (and the step's temporaries) are not on the GPU.
+        host = (mine_now["master_weights"] + mine_now["optimizer_states"]
+                if p.optimizer_offload == "cpu" and on_gpu(cfg) else 0)
+        on_device = model_state - host
+        step_peak = max(on_device + most + working,
+                        on_device + (0.0 if host else optimizer_working_bytes(cfg, mine_now)))
         row = {"pp_rank": r, "stages": mine, "layers": [[layers[s].start, layers[s].stop] for s in mine],
                "parameters": params, "activations_in_flight": in_flight, "zero_stage": p.zero_stage,
                "parameters_bytes": mine_now["parameters"], "gradients_bytes": mine_now["gradients"],
                "optimizer_bytes": mine_now["master_weights"] + mine_now["optimizer_states"],
                "model_state_bytes": {stage: sum(v.values()) for stage, v in states.items()},
-               "activations_bytes": most, "working_bytes": step_peak - model_state - most,
+               "activations_bytes": most, "working_bytes": step_peak - on_device - most, "host_bytes": host,
                "total_bytes": step_peak}
         row.update({k.replace("_bytes", "_gib"): row[k] / GIB for k in
                     ("parameters_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "working_bytes",
@@ -233,12 +238,16 @@ def estimate_memory(cfg: Config) -> list[dict]:
 def optimizer_working_bytes(cfg: Config, states: dict[str, int]) -> float:
     """Temporaries of the optimizer step on this rank: torch's foreach AdamW (the CPU path) builds a few lists of
     the size of the parameters it updates; CUDA's fused kernel none."""
-    # train.device=cuda plans for a GPU even where none is (tools/plan.py on a laptop).
-    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     # An offloaded optimizer steps on the host, whatever device the model is on.
-    device_type = "cuda" if on_cuda and cfg.parallel.optimizer_offload != "cpu" else "cpu"
+    device_type = "cuda" if on_gpu(cfg) and cfg.parallel.optimizer_offload != "cpu" else "cpu"
     fused = adamw_impl(cfg.optim, device_type) == "fused"
     return 0.0 if fused else states["optimizer_states"] / 2  # one fp32 list of the updated parameters' size
+
+
+def on_gpu(cfg: Config) -> bool:
+    """Whether the run computes on a GPU: train.device=cuda plans for one even where none is (tools/plan.py on a
+    laptop); auto, where one is."""
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
 
 def device_memory_bytes(device: torch.device) -> int:

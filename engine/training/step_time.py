@@ -13,7 +13,8 @@ pipeline: engine.parallel.state), else the network's per-GPU share; plus a laten
 
     tensor parallel  per layer and micro-batch: 2 all-reduces forward (attention and MLP outputs) and 2 backward
                      (their inputs' gradients), of b·s·h values; under SP an all-gather and a reduce-scatter each
-                     instead, the same bytes. Full recomputation repeats the forward's. The embedding and the head
+                     instead, the same bytes. Full recomputation repeats the forward's in backward, but for the MLP's
+                     exit (torch's checkpoint stops before it). The embedding and the head
                      add one each way, the vocabulary-parallel loss three (b·s,)-sized all-reduces. Never hidden:
                      our layers wait for each one before the next matmul.
     pipeline         per micro-batch and stage boundary, the activation forward and its gradient back, b·s·h
@@ -23,10 +24,12 @@ pipeline: engine.parallel.state), else the network's per-GPU share; plus a laten
     data parallel    ZeRO 0: all-reduce of the gradients once per step, launched bucket by bucket during the last
                      micro-batch's backward; ZeRO 1: a reduce-scatter there instead, and an all-gather of the
                      updated parameters after the optimizer; ZeRO 2: the reduce-scatter every micro-batch, hidden
-                     behind that micro-batch's backward and the next one's forward; ZeRO 3: as 2, plus all-gathers
-                     of the parameters before each part's forward and again for its backward, prefetched one part
-                     ahead. What the overlapped computation cannot cover is exposed, and at least the last bucket
-                     (or the first part's gather) always is.
+                     behind that micro-batch's backward (and the next one's forward, where the forward's own
+                     traffic leaves room), the all-gather after the optimizer as 1; ZeRO 3: the reduce-scatter as
+                     2, no gather after the step, but all-gathers of the parameters before each part's forward and
+                     again for its backward, prefetched one part ahead. What the overlapped computation cannot
+                     cover is exposed, and at least the last bucket (or the first part's gather) always is; on a
+                     cluster without overlap (a CPU, whose cores run gloo too) all of it is.
 
 Compute: the model FLOPs of engine.model.flops, with the causal attention's skipped half left out (a fused kernel
 skips it) and recomputation's extra forward added, at `efficiency` x the device's dense peak. The optimizer step is
@@ -41,7 +44,7 @@ from engine.config import Config, micro_batches_per_step
 from engine.model.flops import attention_flops_per_token, flops_per_token, matmul_weights_per_layer
 from engine.parallel.layers import padded_vocab_size, vocab_parallel_loss
 from engine.parallel.pipeline import rank_stages, stage_layers
-from engine.training.memory import bucket_bytes, chunk_parameters, value_sizes
+from engine.training.memory import chunk_parameters, value_sizes
 from engine.training.schedule import schedule_actions
 
 F32 = 4
@@ -118,16 +121,21 @@ def _tp_layer_transfers(cfg: Config, stage: int, layers: int) -> list[Transfer]:
     residual, mm = value_sizes(cfg)
     values = cfg.train.seq_len * cfg.train.micro_batch_size * cfg.model.hidden_size
     enter, leave = values * residual, values * mm  # a region's input (the norm's output) and its partial sums
-    # Full recomputation runs each layer's forward again, but torch's checkpoint stops once the last tensor backward
-    # needs is rebuilt (the MLP's down-projection input): the MLP's exit is not recomputed.
-    again = 1 if cfg.model.recompute == "full" else 0
+    # Full recomputation runs each layer's forward again, in backward, but torch's checkpoint stops once the last
+    # tensor backward needs is rebuilt (the MLP's down-projection input): the MLP's exit is not recomputed.
+    again = cfg.model.recompute == "full"
     if p.sequence_parallel:  # enter: all-gather forward, reduce-scatter back; leave: reduce-scatter forward, back
-        return [Transfer("tp", "all_gather", enter, (2 + 2 * again) * layers, "forward", stage),
-                Transfer("tp", "reduce_scatter", leave, (2 + again) * layers, "forward", stage),
-                Transfer("tp", "reduce_scatter", enter, 2 * layers, "backward", stage),
-                Transfer("tp", "all_gather", leave, 2 * layers, "backward", stage)]
-    return [Transfer("tp", "all_reduce", leave, (2 + again) * layers, "forward", stage),
-            Transfer("tp", "all_reduce", enter, 2 * layers, "backward", stage)]
+        out = [Transfer("tp", "all_gather", enter, 2 * layers, "forward", stage),
+               Transfer("tp", "reduce_scatter", leave, 2 * layers, "forward", stage),
+               Transfer("tp", "reduce_scatter", enter, 2 * layers, "backward", stage),
+               Transfer("tp", "all_gather", leave, 2 * layers, "backward", stage)]
+        recomputed = [Transfer("tp", "all_gather", enter, 2 * layers, "backward", stage),
+                      Transfer("tp", "reduce_scatter", leave, layers, "backward", stage)]
+    else:
+        out = [Transfer("tp", "all_reduce", leave, 2 * layers, "forward", stage),
+               Transfer("tp", "all_reduce", enter, 2 * layers, "backward", stage)]
+        recomputed = [Transfer("tp", "all_reduce", leave, layers, "backward", stage)]
+    return out + (recomputed if again else [])
 
 
 def _tp_partial_transfers(cfg: Config, stage: int, layers: int, stages: int) -> list[Transfer]:
@@ -326,8 +334,10 @@ def _exposed(total: float, window: float, floor: float, overlap: bool = True) ->
 
 
 def estimate_step_time(cfg: Config, cluster: Cluster) -> dict:
-    """Seconds per training step on `cluster` and where they go (for the pipeline rank that computes longest),
-    tokens per second and MFU (the module docstring has the model)."""
+    """Seconds per training step on `cluster` and where they go, tokens per second and MFU (the module docstring
+    has the model). The parts are those of the pipeline rank that finishes its schedule last, then of the rank
+    whose optimizer step (with the collectives around it) takes longest; they add up to `step_s`, the bubble being
+    that rank's waiting."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
     stages = p.pp * p.virtual_stages
     layers = stage_layers(m.num_layers, stages, p.pipeline_layers)
@@ -336,64 +346,66 @@ def estimate_step_time(cfg: Config, cluster: Cluster) -> dict:
     flops = [_stage_flops(cfg, s, len(layers[s]), stages) for s in range(stages)]
     forward_s, backward_s = [f / rate for f, _ in flops], [b / rate for _, b in flops]
     per_rank = transfers(cfg)
-    message_s, tp_s = 0.0, [0.0] * p.pp
-    after, step_end = [0.0] * p.pp, [0.0] * p.pp  # per rank: reductions left after its last backward; the step's
+    zeros = [0.0] * p.pp
+    message_s, tp_in, tp_step, dp_in, dp_step, dp_traffic, after = 0.0, *([*zeros] for _ in range(6))
     for r, mine in enumerate(per_rank):
         for tr in mine:
             if tr.group == "tp" and tr.phase == "step":
-                step_end[r] += transfer_seconds(cfg, cluster, tr)
-                tp_s[r] += transfer_seconds(cfg, cluster, tr)
+                tp_step[r] += transfer_seconds(cfg, cluster, tr)
             elif tr.group == "tp":  # never overlapped: on the stage's critical path
                 one = transfer_seconds(cfg, cluster, tr, tr.count // micro)
                 (forward_s if tr.phase == "forward" else backward_s)[tr.stage] += one
-                tp_s[r] += one * micro
+                tp_in[r] += one * micro
             elif tr.group == "pp":
                 message_s = max(message_s, transfer_seconds(cfg, cluster, tr, 1))
     window_f, window_b = list(forward_s), list(backward_s)  # compute and TP: what DP traffic can hide behind
-    _, mm = value_sizes(cfg)
-    dp_traffic = dp_exposed = 0.0
+    grad_bytes = F32 if p.zero_stage == 0 or p.grad_reduce_dtype == "fp32" else 2
     for r, mine in enumerate(per_rank):
         for s in rank_stages(r, p.pp, p.virtual_stages):
             params = chunk_parameters(cfg, s)
-            last_bucket = bucket_bytes(cfg, params) / max(params * mm, 1)  # launched as backward ends
-            per_micro = {"forward": 0.0, "backward": 0.0}
+            # The share of the gradients in the bucket that fills last: reduced only once backward has ended.
+            last_share = min(1.0, p.bucket_size_mb * 2**20 / max(params * grad_bytes, 1))
+            one = {"forward": 0.0, "backward": 0.0}  # ZeRO 2/3's traffic per micro-batch
             for tr in mine:
                 if tr.group not in ("dp", "embedding") or tr.stage != s:
                     continue
                 seconds = transfer_seconds(cfg, cluster, tr)
-                dp_traffic += seconds
                 if tr.phase == "step":  # after the optimizer (gathers) or before it (tied embedding sums)
-                    step_end[r] += seconds
-                    dp_exposed += seconds
-                elif p.zero_stage >= 2:  # every micro-batch, inside the schedule
-                    per_micro[tr.phase] += seconds / micro
+                    dp_step[r] += seconds
+                    continue
+                dp_traffic[r] += seconds
+                if p.zero_stage >= 2:  # every micro-batch, inside the schedule
+                    one[tr.phase] += seconds / micro
                 else:  # once per step, during the chunk's last backward
-                    exposed = _exposed(seconds, window_b[s], seconds * last_bucket, cluster.overlap)
+                    exposed = _exposed(seconds, window_b[s], seconds * last_share, cluster.overlap)
                     after[r] += exposed
-                    dp_exposed += exposed
-            # Stage 3 gathers a part ahead of its forward (the first part's cannot be); reduce-scatters (and the
-            # backward gathers) run behind this backward and the next micro-batch's forward.
-            exposed_f = _exposed(per_micro["forward"], window_f[s], per_micro["forward"] / (len(layers[s]) + 2),
-                                 cluster.overlap)
-            exposed_b = _exposed(per_micro["backward"], window_b[s] + window_f[s],
-                                 per_micro["backward"] * last_bucket, cluster.overlap)
+                    dp_in[r] += exposed
+            # Stage 3 gathers a part ahead of its forward (the first part's cannot be); the backward's traffic
+            # runs behind that backward and, but on the last micro-batch, the forward time the next one's
+            # gathers leave free.
+            fwd, bwd = one["forward"], one["backward"]
+            exposed_f = _exposed(fwd, window_f[s], fwd / (len(layers[s]) + 2), cluster.overlap)
+            spare = max(0.0, window_f[s] - fwd)
+            exposed_b = ((micro - 1) * _exposed(bwd, window_b[s] + spare, bwd * last_share, cluster.overlap)
+                         + _exposed(bwd, window_b[s], bwd * last_share, cluster.overlap)) / micro
             forward_s[s] += exposed_f
             backward_s[s] += exposed_b
-            dp_exposed += (exposed_f + exposed_b) * micro
+            dp_in[r] += (exposed_f + exposed_b) * micro
     sim = simulate(cfg, forward_s, backward_s, message_s)
     ends = [sim["finish_s"][r] + after[r] for r in range(p.pp)]
     optimizer_s = [_optimizer_seconds(cfg, cluster, r) for r in range(p.pp)]
-    step_s = max(ends) + max(optimizer_s[r] + step_end[r] for r in range(p.pp))
-    slowest = max(range(p.pp), key=lambda r: sim["busy_s"][r])
-    mine = rank_stages(slowest, p.pp, p.virtual_stages)
-    compute_s = sum(sum(flops[s]) for s in mine) * micro / rate
+    tails = [optimizer_s[r] + tp_step[r] + dp_step[r] for r in range(p.pp)]
+    last = max(range(p.pp), key=lambda r: ends[r])  # the rank the step waits for, then the slowest tail
+    tail = max(range(p.pp), key=lambda r: tails[r])
+    step_s = ends[last] + tails[tail]
+    compute_s = sum(sum(flops[s]) for s in rank_stages(last, p.pp, p.virtual_stages)) * micro / rate
+    pipeline_bubble_s = ends[last] - compute_s - tp_in[last] - sim["sending_s"][last] - dp_in[last]
     tokens_per_s = t.global_batch_size * t.seq_len / step_s
     world = p.tp * p.pp * (p.dp or 1)
-    return {"step_s": step_s, "compute_s": compute_s, "tp_comm_s": tp_s[slowest],
-            "pp_message_s": sim["sending_s"][slowest],
-            "pipeline_bubble_s": max(sim["finish_s"]) - sim["busy_s"][slowest] - sim["sending_s"][slowest],
-            "dp_traffic_s": dp_traffic, "dp_exposed_s": dp_exposed, "optimizer_s": max(optimizer_s),
-            "tokens_per_s": tokens_per_s,
+    return {"step_s": step_s, "compute_s": compute_s, "tp_comm_s": tp_in[last] + tp_step[tail],
+            "pp_message_s": sim["sending_s"][last], "pipeline_bubble_s": max(0.0, pipeline_bubble_s),
+            "dp_traffic_s": dp_traffic[last] + dp_step[tail], "dp_exposed_s": dp_in[last] + dp_step[tail],
+            "optimizer_s": optimizer_s[tail], "tokens_per_s": tokens_per_s,
             "mfu": flops_per_token(m, t.seq_len) * tokens_per_s / (world * cluster.peak_tflops * 1e12)}
 
 
@@ -403,9 +415,9 @@ def _optimizer_seconds(cfg: Config, cluster: Cluster, pp_rank: int) -> float:
     p = cfg.parallel
     params = sum(chunk_parameters(cfg, s) for s in rank_stages(pp_rank, p.pp, p.virtual_stages))
     shard = params / (p.dp or 1) if p.zero_stage else params
-    half = cfg.train.precision in ("bf16", "fp16") and p.zero_stage > 0
-    traffic = shard * OPTIMIZER_BYTES[half]
+    residual, _ = value_sizes(cfg)  # the model's parameters: 16-bit under ZeRO with bf16/fp16, beside fp32 masters
+    traffic = shard * OPTIMIZER_BYTES[residual != F32]
     if p.optimizer_offload == "cpu":
-        copies = shard * ((2 if half else F32) + F32)
+        copies = shard * (residual + F32)
         return traffic / (cluster.host_gbps * 1e9) + copies / (cluster.pcie_gbps * 1e9)
     return traffic / (cluster.hbm_gbps * 1e9)
