@@ -2,9 +2,9 @@
 
 - Kill -9: a rank of a tp2 x pp2 x dp2 run SIGKILLs itself at a step; every rank is gone within
   parallel.timeout_s, `torchrun --max-restarts` brings the job back from the last complete checkpoint, the per-step
-  losses equal the uninterrupted run's bit for bit, no step is logged twice and no process is left. `make test`
-  runs one job killed twice (two trials); `make test-slow` ten jobs at random ranks and steps.
-- Kill during a save, synchronous and asynchronous: the job is killed while a checkpoint's files are being
+  losses equal the uninterrupted run's bit for bit, no step is logged twice and no process is left. All in
+  `make test-slow`: one kill, one job killed twice, and ten jobs at random ranks and steps.
+- Kill during a save, synchronous (`make test`) and asynchronous: the job is killed while a checkpoint's files are being
   written; the rerun resumes from the previous checkpoint, never the interrupted one, and matches the
   uninterrupted run.
 - A hang: one rank sleeps inside an all-reduce; every rank exits within the timeout and each one's dump in
@@ -113,9 +113,10 @@ def kill_trials(tmp_path: Path, reference, kills: list[tuple[int, int]]) -> None
     assert_no_orphans(run)
 
 
+@pytest.mark.slow  # 8 ranks, ~70 s with its reference run; make test kills a dp2 rank during a save instead
 def test_a_kill_restarts_and_matches_the_uninterrupted_run(tmp_path, reference):
-    """Rank 5 killed in step 6: the restart resumes from step 4 (make test-slow kills twice in one job, and ten
-    times at random)."""
+    """Rank 5 killed in step 6: the restart resumes from step 4 (make test-slow also kills twice in one job, and
+    ten times at random)."""
     kill_trials(tmp_path, reference, [(5, 6)])
 
 
