@@ -104,17 +104,18 @@ def dry_run_lines(cfg: Config) -> list[str]:
     n = count_parameters(cfg.model)
     m, t, p = cfg.model, cfg.train, cfg.parallel
     lines.append(f"model {m.name} ({m.arch}): {n:,} parameters, {m.num_layers} layers, hidden {m.hidden_size}, "
-          f"{m.num_heads} heads ({m.num_kv_heads} KV), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}"
-          + (f" (padded to {padded})" if padded != m.vocab_size else ""))
+                 f"{m.num_heads} heads ({m.num_kv_heads} KV), ffn {m.ffn_hidden_size}, vocab {m.vocab_size}"
+                 + (f" (padded to {padded})" if padded != m.vocab_size else ""))
     lines.append(f"FLOPs per token (training): {flops_per_token(m, t.seq_len):.4g} at seq_len {t.seq_len}")
     micro = micro_batches_per_step(cfg)
     zero = (f"; ZeRO stage {p.zero_stage}" + (", optimizer offloaded to the CPU" if p.optimizer_offload == "cpu"
                                               else "")) if p.zero_stage else ""
     lines.append(f"layout: tp {p.tp}{' + SP' if p.sequence_parallel and p.tp > 1 else ''} x pp {p.pp} x dp {p.dp} = "
-          f"{p.tp * p.pp * p.dp} ranks; global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
-          f"accumulation {micro} x dp {p.dp}"
-          + (f"; schedule {p.pipeline_schedule}" + (f" over {p.virtual_stages} chunks per rank"
-                                                     if p.virtual_stages > 1 else "") if p.pp > 1 else "") + zero)
+                 f"{p.tp * p.pp * p.dp} ranks; global batch {t.global_batch_size} = micro {t.micro_batch_size} x "
+                 f"accumulation {micro} x dp {p.dp}"
+                 + (f"; schedule {p.pipeline_schedule}"
+                    + (f" over {p.virtual_stages} chunks per rank" if p.virtual_stages > 1 else "")
+                    if p.pp > 1 else "") + zero)
     for row in estimate_memory(cfg):
         layers = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in row["layers"])
         where = "every rank" if p.pp == 1 else pipeline_place(row["pp_rank"], p.pp, p.virtual_stages)
@@ -122,16 +123,16 @@ def dry_run_lines(cfg: Config) -> list[str]:
         held = ("micro-batch" + ("es" if n != 1 else "") if p.virtual_stages == 1
                 else "(micro-batch, chunk) activation" + ("s" if n != 1 else ""))
         lines.append(f"{where} (layers {layers}): {row['parameters']:,} parameters per tensor-parallel rank; estimated "
-              "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
-                          ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "working_gib",
-                           "total_gib"))
-              + f" ({n} {held} in flight)"
-              + (f"; the optimizer's {row['host_bytes'] / 2**30:.2f} GiB are in host memory, not in the total"
-                 if row["host_bytes"] else ""))
+                     "memory: " + ", ".join(f"{k.removesuffix('_gib')} {row[k]:.2f} GiB" for k in
+                                 ("parameters_gib", "gradients_gib", "optimizer_gib", "activations_gib", "working_gib",
+                                  "total_gib"))
+                     + f" ({n} {held} in flight)"
+                     + (f"; the optimizer's {row['host_bytes'] / 2**30:.2f} GiB are in host memory, not in the total"
+                        if row["host_bytes"] else ""))
         stages = row["model_state_bytes"]
         lines.append("  model states (parameters, gradients, master weights, AdamW) by parallel.zero_stage: "
-              + ", ".join(f"{k} {v / 2**30:.2f} GiB" + (" <- this run" if k == p.zero_stage else "")
-                          for k, v in stages.items()))
+                     + ", ".join(f"{k} {v / 2**30:.2f} GiB" + (" <- this run" if k == p.zero_stage else "")
+                                 for k, v in stages.items()))
     lines.append("(norms, row biases, positions and K/V heads fewer than tp are whole on every tensor-parallel rank)")
     return lines
 

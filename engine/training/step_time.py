@@ -113,6 +113,17 @@ def _group_span(cfg: Config, group: str) -> int:
             "embedding": p.tp * (p.dp or 1) * p.pp}[group]
 
 
+def _grad_reduce_bytes(cfg: Config) -> int:
+    """Bytes per gradient value on the data-parallel wire: fp32 without ZeRO, else parallel.grad_reduce_dtype's."""
+    p = cfg.parallel
+    return F32 if p.zero_stage == 0 or p.grad_reduce_dtype == "fp32" else 2
+
+
+def _zero_shards(cfg: Config) -> int:
+    """How many pieces ZeRO cuts a rank's gradients and optimizer states into (1 without ZeRO)."""
+    return (cfg.parallel.dp or 1) if cfg.parallel.zero_stage else 1
+
+
 def _tp_layer_transfers(cfg: Config, stage: int, layers: int) -> list[Transfer]:
     """Tensor-parallel collectives of `layers` layers of one stage, per micro-batch."""
     p = cfg.parallel
@@ -156,8 +167,8 @@ def _tp_partial_transfers(cfg: Config, stage: int, layers: int, stages: int) -> 
         values += layers * 2 * (h * kv + (kv if gpt2 else 0))
     if not values:
         return []
-    shard = (p.dp or 1) if p.zero_stage else 1  # ZeRO completes them on the gradient shards
-    return [Transfer("tp", "all_reduce", -(-values // shard) * F32, 1, "step", stage)]
+    # ZeRO completes them on the gradient shards
+    return [Transfer("tp", "all_reduce", -(-values // _zero_shards(cfg)) * F32, 1, "step", stage)]
 
 
 def _tp_ends_transfers(cfg: Config, stage: int, stages: int) -> list[Transfer]:
@@ -200,11 +211,10 @@ def _dp_transfers(cfg: Config, pp_rank: int) -> list[Transfer]:
     stages = p.pp * p.virtual_stages
     out = []
     residual, _ = value_sizes(cfg)
-    grad_bytes = F32 if p.zero_stage == 0 or p.grad_reduce_dtype == "fp32" else 2
     for stage in rank_stages(pp_rank, p.pp, p.virtual_stages):
         params = chunk_parameters(cfg, stage)
         if (p.dp or 1) > 1:
-            grads = params * grad_bytes
+            grads = params * _grad_reduce_bytes(cfg)
             if p.zero_stage == 0:
                 out.append(Transfer("dp", "all_reduce", grads, 1, "backward", stage))
             elif p.zero_stage == 1:
@@ -219,9 +229,8 @@ def _dp_transfers(cfg: Config, pp_rank: int) -> list[Transfer]:
         tied_copy = m.tie_embeddings and p.pp > 1 and stage in (0, stages - 1)
         if tied_copy:  # the first and last stage sum their copies' gradients (under ZeRO: the shards)
             vocab = padded_vocab_size(m.vocab_size, p.tp, m.make_vocab_size_divisible_by) // p.tp
-            shard = (p.dp or 1) if p.zero_stage else 1
-            out.append(Transfer("embedding", "all_reduce", -(-vocab * m.hidden_size // shard) * F32, 1, "step",
-                                stage))
+            out.append(Transfer("embedding", "all_reduce", -(-vocab * m.hidden_size // _zero_shards(cfg)) * F32, 1,
+                                "step", stage))
     return out
 
 
@@ -359,7 +368,7 @@ def estimate_step_time(cfg: Config, cluster: Cluster) -> dict:
             elif tr.group == "pp":
                 message_s = max(message_s, transfer_seconds(cfg, cluster, tr, 1))
     window_f, window_b = list(forward_s), list(backward_s)  # compute and TP: what DP traffic can hide behind
-    grad_bytes = F32 if p.zero_stage == 0 or p.grad_reduce_dtype == "fp32" else 2
+    grad_bytes = _grad_reduce_bytes(cfg)
     for r, mine in enumerate(per_rank):
         for s in rank_stages(r, p.pp, p.virtual_stages):
             params = chunk_parameters(cfg, s)
@@ -414,7 +423,7 @@ def _optimizer_seconds(cfg: Config, cluster: Cluster, pp_rank: int) -> float:
     host, plus the copies of gradients down and parameters up."""
     p = cfg.parallel
     params = sum(chunk_parameters(cfg, s) for s in rank_stages(pp_rank, p.pp, p.virtual_stages))
-    shard = params / (p.dp or 1) if p.zero_stage else params
+    shard = params / _zero_shards(cfg)
     residual, _ = value_sizes(cfg)  # the model's parameters: 16-bit under ZeRO with bf16/fp16, beside fp32 masters
     traffic = shard * OPTIMIZER_BYTES[residual != F32]
     if p.optimizer_offload == "cpu":
